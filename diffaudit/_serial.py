@@ -1,0 +1,128 @@
+"""Typed dataclass <-> JSON helpers shared by every result type.
+
+Results are dataclasses (DESIGN.md: "never bare dicts"); this module turns them into plain JSON values and back,
+following the type hints, so each result class only needs ``JsonMixin``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+
+import numpy as np
+
+T = TypeVar("T")
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert dataclasses / numpy values / paths to JSON values. Non-finite floats become None."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return [to_jsonable(v) for v in obj.tolist()]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _convert(tp: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return _convert(args[0], value) if len(args) == 1 else value
+    if dataclasses.is_dataclass(tp):
+        return from_jsonable(tp, value)
+    if origin in (list, typing.List):
+        (arg,) = get_args(tp) or (Any,)
+        return [_convert(arg, v) for v in value]
+    if origin in (tuple, typing.Tuple):
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v) for v in value)
+        return tuple(_convert(a, v) for a, v in zip(args, value)) if args else tuple(value)
+    if origin in (dict, typing.Dict):
+        kt, vt = get_args(tp) or (Any, Any)
+        return {k: _convert(vt, v) for k, v in value.items()}
+    if tp is float:
+        return float(value)
+    if tp is Path:
+        return Path(value)
+    return value
+
+
+def from_jsonable(cls: type[T], data: dict) -> T:
+    """Build dataclass ``cls`` from JSON data; unknown keys are an error (a newer file, or a typo)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object for {cls.__name__}, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"unknown keys for {cls.__name__}: {sorted(unknown)}; allowed: {sorted(names)}")
+    kwargs = {k: _convert(hints[k], v) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text to ``path`` via a temp file + rename in the same folder (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+class JsonMixin:
+    """``to_json(path=None)`` / ``from_json(path_or_text)`` for dataclasses."""
+
+    def to_dict(self) -> dict:
+        return to_jsonable(self)
+
+    def to_json(self, path: str | os.PathLike | None = None, indent: int = 2) -> str:
+        text = json.dumps(self.to_dict(), indent=indent, sort_keys=False, allow_nan=False)
+        if path is not None:
+            atomic_write_text(path, text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict) -> T:
+        return from_jsonable(cls, data)
+
+    @classmethod
+    def from_json(cls: type[T], path_or_text: str | os.PathLike) -> T:
+        s = str(path_or_text)
+        if s.lstrip().startswith("{"):
+            data = json.loads(s)
+        else:
+            p = Path(s)
+            if not p.is_file():
+                raise FileNotFoundError(f"{cls.__name__}.from_json: no such file: {s!r}")
+            data = json.loads(p.read_text(encoding="utf-8"))
+        return from_jsonable(cls, data)  # type: ignore[arg-type]
