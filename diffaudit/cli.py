@@ -1,0 +1,216 @@
+"""The ``diffaudit`` command line: a thin typer layer over the Python API.
+
+Every command prints one readable line on a user error (exit status 2) instead of a traceback;
+``--debug`` (or DIFFAUDIT_DEBUG=1) shows the traceback.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Audit diffusion models for memorization of their training data.",
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+#: exit status of `diffaudit watch` when memorization onset is confirmed (distinct from errors = 2)
+EXIT_ONSET = 3
+_state = {"debug": bool(os.environ.get("DIFFAUDIT_DEBUG"))}
+
+
+def _fail(exc: BaseException) -> None:
+    if _state["debug"]:
+        raise exc
+    msg = str(exc) or type(exc).__name__
+    if isinstance(exc, KeyError):
+        msg = str(exc.args[0]) if exc.args else msg
+    console.print(f"[bold red]error:[/] {type(exc).__name__}: {msg}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _guard(fn):
+    """Decorator: turn expected user errors into one line and exit status 2."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130)
+        except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ModuleNotFoundError,
+                RuntimeError, KeyError, OSError, TypeError) as exc:
+            _fail(exc)
+
+    return wrapper
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
+) -> None:
+    _state["debug"] = _state["debug"] or debug
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+
+
+def _check_out_dir(path: Path) -> Path:
+    """Fail before hours of work when the output folder cannot be written."""
+    from .audit import ensure_writable
+
+    return ensure_writable(path)
+
+
+@app.command()
+@_guard
+def dedup(
+    folder: Path = typer.Argument(..., help="Folder of training images (searched recursively)."),
+    embedder: str = typer.Option("pixel", "--embedder", "-e", help="pixel | tiled | clip:<arch> | sscd"),
+    weights: Optional[Path] = typer.Option(None, help="Local weights file for clip/sscd embedders."),
+    threshold: Optional[float] = typer.Option(None, help="Duplicate threshold in the embedder's units."),
+    out_dir: Path = typer.Option(Path("diffaudit-dedup"), "--out", "-o", help="Output folder."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache", help="Embedding cache folder."),
+    backend: str = typer.Option("local", help="local | ray"),
+) -> None:
+    """Find duplicated training images (pairs and clusters); writes HTML + JSON + CSV."""
+    from . import curate
+    from .data import ImageSet
+    from .embedders import get_embedder
+
+    out_dir = _check_out_dir(out_dir)
+    images = ImageSet.from_folder(folder)
+    emb = get_embedder(embedder, **({"weights": str(weights)} if weights else {}))
+    kw = {"backend": backend} if backend != "local" else {}
+    report = curate.find_duplicates(images, embedder=emb, threshold=threshold, cache_dir=cache_dir, progress=True, **kw)
+    report.to_json(out_dir / "duplicates.json")
+    report.to_csv(out_dir / "duplicates.csv")
+    report.to_html(out_dir / "duplicates.html", images=images)
+    out.print(
+        f"{len(images)} images, {len(report.pairs)} duplicate pairs in {len(report.clusters)} clusters "
+        f"({len(images.skipped)} files skipped) -> {out_dir / 'duplicates.html'}"
+    )
+
+
+@app.command("match")
+@_guard
+def match_cmd(
+    queries: Path = typer.Argument(..., help="Folder of query images (e.g. generated samples)."),
+    train: Path = typer.Option(..., "--train", help="Folder of reference (training) images."),
+    embedder: str = typer.Option("pixel", "--embedder", "-e"),
+    weights: Optional[Path] = typer.Option(None, help="Local weights file for clip/sscd embedders."),
+    k: int = typer.Option(5, "-k", min=1, help="Neighbours per query."),
+    out_dir: Path = typer.Option(Path("diffaudit-match"), "--out", "-o"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache"),
+) -> None:
+    """For each query image, its k nearest training images; writes HTML + JSON + CSV."""
+    from . import curate
+    from .data import ImageSet
+    from .embedders import get_embedder
+
+    out_dir = _check_out_dir(out_dir)
+    q = ImageSet.from_folder(queries)
+    ref = ImageSet.from_folder(train)
+    emb = get_embedder(embedder, **({"weights": str(weights)} if weights else {}))
+    m = curate.match(q, ref, embedder=emb, k=k, cache_dir=cache_dir, progress=True)
+    m.to_json(out_dir / "matches.json")
+    m.to_csv(out_dir / "matches.csv")
+    m.to_html(out_dir / "matches.html", queries=q, reference=ref)
+    out.print(f"{len(m.query_ids)} queries matched against {len(ref)} images -> {out_dir / 'matches.html'}")
+
+
+@app.command("audit")
+@_guard
+def audit_cmd(
+    run: Optional[List[Path]] = typer.Argument(None, help="Run folder (checkpoint-N/...), pipeline folder(s) or .safetensors files."),
+    train: Optional[Path] = typer.Option(None, "--train", help="Folder of training images."),
+    heldout: Optional[Path] = typer.Option(None, "--heldout", help="Folder of held-out real images."),
+    embedder: Optional[List[str]] = typer.Option(None, "--embedder", "-e", help="Repeatable: pixel, tiled, clip:<arch>, sscd."),
+    weights: Optional[List[str]] = typer.Option(None, "--weights", help="Repeatable NAME=PATH, e.g. sscd=sscd.torchscript.pt"),
+    samples: Optional[int] = typer.Option(None, "--samples", "-n", help="Samples per checkpoint."),
+    seed: Optional[int] = typer.Option(None, help="Noise seed (same noise at every checkpoint)."),
+    steps: Optional[int] = typer.Option(None, "--inference-steps", help="Sampler steps."),
+    sampler: Optional[str] = typer.Option(None, help="ddim | ddpm | run"),
+    scheduler: Optional[str] = typer.Option(None, help="Scheduler folder or name when the run has none."),
+    ema: Optional[str] = typer.Option(None, help="prefer | only | never (use unet_ema/ weights)."),
+    prompts: Optional[Path] = typer.Option(None, help="Text file, one prompt per line (text-to-image)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML preset (configs/*.yaml); flags override it."),
+    out_dir: Path = typer.Option(Path("diffaudit-audit"), "--out", "-o"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache"),
+) -> None:
+    """Audit checkpoints for memorization; writes report.html, audit.json and images.csv."""
+    from .audit import AuditConfig, audit
+
+    cfg = AuditConfig.from_yaml(config) if config else AuditConfig()
+    overrides = {
+        "run": [str(p) for p in run] if run else None,
+        "train": str(train) if train else None,
+        "heldout": str(heldout) if heldout else None,
+        "embedders": list(embedder) if embedder else None,
+        "num_samples": samples,
+        "seed": seed,
+        "num_inference_steps": steps,
+        "sampler": sampler,
+        "scheduler": scheduler,
+        "ema": ema,
+        "prompts": str(prompts) if prompts else None,
+        "cache_dir": str(cache_dir) if cache_dir else None,
+    }
+    if weights:
+        wmap = {}
+        for item in weights:
+            if "=" not in item:
+                raise ValueError(f"--weights expects NAME=PATH (e.g. sscd=sscd.pt); got {item!r}")
+            name, path = item.split("=", 1)
+            wmap[name.strip()] = path.strip()
+        overrides["weights"] = wmap
+    cfg = cfg.replace(**{k: v for k, v in overrides.items() if v is not None})
+    if not cfg.run:
+        raise ValueError("audit: give a RUN folder (argument) or `run:` in --config")
+    if not cfg.train:
+        raise ValueError("audit: give --train DIR (folder of training images) or `train:` in --config")
+    out_dir = _check_out_dir(out_dir)
+    result = audit(config=cfg, out_dir=out_dir, progress=True)
+    out.print(result.verdict)
+    out.print(f"report: {out_dir / 'report.html'}")
+
+
+@app.command()
+@_guard
+def report(
+    audit_json: Path = typer.Argument(..., help="audit.json written by `diffaudit audit`."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file (default: report.html beside the JSON)."),
+) -> None:
+    """Re-render the HTML report from an audit.json."""
+    from .results import AuditResult
+
+    result = AuditResult.from_json(audit_json)
+    target = out or audit_json.with_name("report.html")
+    result.to_html(str(target))
+    console.print(f"report: {target}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""CLIP image embeddings through open_clip, from a local checkpoint file (``weights=``) or, only when the user asks,
+a hub tag (``pretrained=``, needs network access or an already-populated hub cache).
+
+Loading: ``open_clip.create_model_and_transforms(arch, pretrained=None)`` builds the architecture, then the state
+dict of ``weights`` is loaded strictly: ``.safetensors`` via ``safetensors.torch.load_file``, anything else via
+``torch.load(weights_only=True)`` (never unpickling code). A full training checkpoint with a ``"state_dict"`` key
+and a ``module.`` (DDP) prefix are handled; a checkpoint of the vision tower only (keys of ``model.visual``, with
+or without the ``visual.`` prefix) is loaded into the vision tower. Any other mismatch is a ValueError naming the
+first missing / unexpected keys.
+
+Preprocessing: the model's own eval transform parameters (``model.visual.preprocess_cfg``: image size, mean/std,
+interpolation, resize mode), applied vectorised on tensors: for the default "shortest" mode torchvision
+``Resize(size)`` (smaller edge -> size) + ``CenterCrop(size)``; "squash" resizes to size x size; "longest" resizes
+the longer edge and centre-pads with ``fill_color``. Resampling is ``interpolate(mode=bicubic|bilinear,
+antialias=True)`` on float tensors clamped to [0, 1] — torchvision's tensor ``Resize(antialias=True)``, within a
+few 1/255 of PIL's bicubic used by open_clip's PIL transform.
+
+Output: ``model.encode_image`` L2-normalised; cosine metric; default near-duplicate threshold 0.95.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Sequence
+
+import numpy as np
+
+from .base import Embedder, default_device
+from .pixel import as_rgb_uint8, center_crop, group_by_shape, resize_tensor, shortest_edge_size, stack_to_tensor
+from .sscd import check_weights_file, file_sha256
+
+log = logging.getLogger(__name__)
+
+CLIP_WEIGHTS_HELP = (
+    "CLIP weights are an open_clip checkpoint file for this architecture (e.g. open_clip_pytorch_model.bin or "
+    "open_clip_model.safetensors from the laion/... or timm/... model repos on the Hugging Face hub, downloaded once); "
+    'pass weights="path/to/file", or pretrained="<tag>" to let open_clip download it (needs network access)'
+)
+
+
+def _import_open_clip():
+    try:
+        import open_clip  # noqa: PLC0415
+    except ImportError as e:  # pragma: no cover - core dependency
+        raise ModuleNotFoundError('clip embedders need open_clip: pip install "open-clip-torch"') from e
+    return open_clip
+
+
+def load_state_dict_file(path) -> dict:
+    """Tensors of a checkpoint file: safetensors or ``torch.load(weights_only=True)``; unwraps "state_dict"."""
+    import torch
+
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(path, device="cpu")
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(
+                f"weights={path!r}: cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {e}); "
+                "expected a state dict (.pt/.pth/.bin) or a .safetensors file"
+            ) from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not sd:
+        raise ValueError(f"weights={path!r}: no state dict found (got {type(sd).__name__})")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+def _load_into(model, sd: dict, path: str) -> None:
+    """Strict load into the full model, or into ``model.visual`` for a vision-only checkpoint; clear mismatch error."""
+    target = model
+    model_keys = set(model.state_dict())
+    keys = set(sd)
+    if "logit_scale" in sd and hasattr(model, "logit_scale") and sd["logit_scale"].ndim != model.logit_scale.ndim:
+        sd = dict(sd)
+        sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
+    for k in list(sd):
+        if k.endswith("embeddings.position_ids") and k not in model_keys:
+            sd = {kk: vv for kk, vv in sd.items() if kk != k}
+    keys = set(sd)
+    visual_keys = set(model.visual.state_dict())
+    if not keys & model_keys:
+        if keys <= {"visual." + k for k in visual_keys} | visual_keys:
+            target = model.visual
+            sd = {k[len("visual.") :] if k.startswith("visual.") else k: v for k, v in sd.items()}
+    elif keys and all(k.startswith("visual.") for k in keys) and keys <= model_keys:
+        target = model.visual
+        sd = {k[len("visual.") :]: v for k, v in sd.items()}
+    tkeys = set(target.state_dict())
+    missing = sorted(tkeys - set(sd))
+    unexpected = sorted(set(sd) - tkeys)
+    if missing or unexpected:
+        raise ValueError(
+            f"weights={path!r}: does not match the architecture: {len(missing)} missing keys "
+            f"(first: {missing[:5]}), {len(unexpected)} unexpected keys (first: {unexpected[:5]}). Is it a checkpoint "
+            "of this open_clip architecture?"
+        )
+    try:
+        target.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        msg = str(e).strip().splitlines()
+        detail = "; ".join(line.strip() for line in msg[1:4]) or msg[0]
+        raise ValueError(f"weights={path!r}: tensor shapes do not match the architecture: {detail}") from None
+
+
+class CLIPEmbedder(Embedder):
+    """open_clip image tower, L2-normalised ``encode_image``; cosine metric.
+
+    Args:
+        arch: open_clip architecture name (``open_clip.list_models()``), e.g. "ViT-B-32".
+        weights: local checkpoint file (safetensors or a torch state dict / training checkpoint).
+        pretrained: open_clip pretrained tag (hub download) — used only when given and ``weights`` is not.
+        batch_size: images per forward pass.
+        device: torch device (default CUDA when available, else CPU; float32 on CPU).
+    """
+
+    metric = "cosine"
+    default_threshold = 0.95
+
+    def __init__(
+        self,
+        arch: str = "ViT-B-32",
+        *,
+        weights=None,
+        pretrained: str | None = None,
+        batch_size: int = 64,
+        device: str | None = None,
+    ) -> None:
+        import torch
+
+        open_clip = _import_open_clip()
+        self.arch = str(arch)
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: must be >= 1")
+        self.device = device or default_device()
+        if weights is not None and pretrained is not None:
+            raise ValueError(f"weights={str(weights)!r} and pretrained={pretrained!r}: give one of them, not both")
+        if weights is None and pretrained is None:
+            raise FileNotFoundError(f"clip:{self.arch} needs weights=<local file> (or pretrained=<tag>). {CLIP_WEIGHTS_HELP}")
+        self.weights = None if weights is None else check_weights_file(weights, "weights", CLIP_WEIGHTS_HELP)
+        self.pretrained = pretrained
+        if self.arch not in open_clip.list_models() and ":" not in self.arch:
+            known = ", ".join(open_clip.list_models()[:8])
+            raise ValueError(f"arch={self.arch!r}: not an open_clip architecture (open_clip.list_models(): {known}, ...)")
+        if self.weights is not None:
+            self.sha256 = file_sha256(self.weights)
+            model, _, _ = open_clip.create_model_and_transforms(self.arch, pretrained=None, device="cpu")
+            _load_into(model, load_state_dict_file(self.weights), str(self.weights))
+        else:
+            self.sha256 = None
+            try:
+                model, _, _ = open_clip.create_model_and_transforms(self.arch, pretrained=pretrained, device="cpu")
+            except Exception as e:
+                raise RuntimeError(
+                    f"clip:{self.arch} pretrained={pretrained!r} could not be loaded ({type(e).__name__}: {e}). "
+                    "Downloading pretrained weights needs network access (or the file already in the hub cache); "
+                    "otherwise pass weights=<local checkpoint file>."
+                ) from None
+        model = model.to(self.device).float().eval()
+        self._model = model
+        cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+        size = cfg.get("size", getattr(model.visual, "image_size", 224))
+        if isinstance(size, (list, tuple)):
+            size = tuple(int(v) for v in size)
+            size = size if len(size) == 2 else (size[0], size[0])
+        else:
+            size = (int(size), int(size))
+        self.image_size: tuple[int, int] = size
+        mean = cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)
+        std = cfg.get("std", open_clip.OPENAI_DATASET_STD)
+        self.mean = tuple(float(v) for v in (mean if isinstance(mean, (list, tuple)) else (mean,) * 3))
+        self.std = tuple(float(v) for v in (std if isinstance(std, (list, tuple)) else (std,) * 3))
+        self.interpolation = "bilinear" if cfg.get("interpolation") == "bilinear" else "bicubic"
+        self.resize_mode = cfg.get("resize_mode") or "shortest"
+        self.fill_color = float(cfg.get("fill_color", 0) or 0) / 255.0
+        self._mean_t = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
+        self._std_t = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
+        self.dim: int | None = None
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        src = self.sha256[:8] if self.sha256 else re.sub(r"[^A-Za-z0-9_.-]", "_", str(self.pretrained))
+        arch = re.sub(r"[^A-Za-z0-9_.-]", "_", self.arch)
+        h, w = self.image_size
+        size = str(h) if h == w else f"{h}x{w}"
+        return f"clip-{arch}-{src}-{size}"
+
+    def describe(self) -> dict:
+        d = super().describe()
+        h, w = self.image_size
+        d.update(
+            {
+                "preprocessing": f"open_clip eval transform, resize_mode={self.resize_mode} to {h}x{w} "
+                f"({self.interpolation}, antialias=True, clamped to [0,1]); Normalize(mean={list(self.mean)}, "
+                f"std={list(self.std)}); encode_image, L2-normalised",
+                "arch": self.arch,
+                "weights": None if self.weights is None else str(self.weights),
+                "weights_sha256": self.sha256,
+                "pretrained": self.pretrained,
+            }
+        )
+        return d
+
+    # -- preprocessing --------------------------------------------------------------------------------------------
+    def _geometry(self, x):
+        th, tw = self.image_size
+        h, w = x.shape[-2:]
+        mode = self.interpolation
+        if self.resize_mode == "squash":
+            return resize_tensor(x, (th, tw), mode)
+        if self.resize_mode == "longest":
+            scale = min(th / h, tw / w)
+            nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+            y = resize_tensor(x, (nh, nw), mode).clamp_(0.0, 1.0)
+            import torch.nn.functional as F
+
+            ph, pw = th - nh, tw - nw
+            return F.pad(y, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2], value=self.fill_color)
+        # shortest (default): Resize(size) + CenterCrop(size)
+        if th == tw:
+            nh, nw = shortest_edge_size(h, w, th)
+        else:
+            scale = max(th / h, tw / w)
+            nh, nw = max(th, int(round(h * scale))), max(tw, int(round(w * scale)))
+        return center_crop(resize_tensor(x, (nh, nw), mode), (th, tw))
+
+    def preprocess(self, images: Sequence[np.ndarray]):
+        """uint8 HWC images -> normalised float tensor (N, 3, h, w) per the model's eval transform parameters."""
+        import torch
+
+        imgs = [as_rgb_uint8(a, i) for i, a in enumerate(images)]
+        out = torch.empty((len(imgs), 3, *self.image_size), dtype=torch.float32, device=self.device)
+        for idx in group_by_shape(imgs).values():
+            x = self._geometry(stack_to_tensor([imgs[i] for i in idx], self.device)).clamp_(0.0, 1.0)
+            if len(idx) == len(imgs):
+                out = x.contiguous()
+            else:
+                out[idx] = x
+        return (out - self._mean_t) / self._std_t
+
+    def embed_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
+        if len(images) == 0:
+            return np.zeros((0, self.dim or 0), np.float32)
+        with torch.inference_mode():
+            y = self._model.encode_image(self.preprocess(images)).float()
+            y = F.normalize(y, dim=1).cpu().numpy()
+        self.dim = int(y.shape[1])
+        return y

@@ -1,0 +1,230 @@
+"""Pixel embedder: images resized to a fixed size, RGB in [0, 1], flattened; Euclidean (L2) metric.
+
+This is the embedded default and the space of Gu et al. 2023 ("On Memorization in Diffusion Models"): a sample is
+memorized when d(nearest training image) / d(second nearest) < 1/3 with d the L2 distance between these vectors.
+
+Vector layout: ``image.reshape(-1)`` of the resized float image in HWC order, i.e. row-major over
+(row, column, channel), values ``uint8 / 255``. When an image already has the target size no resampling happens, so
+the vector is exactly ``img.astype(float32).reshape(-1) / 255``.
+
+Resampling: ``torch.nn.functional.interpolate(mode="bilinear", antialias=True, align_corners=False)`` on float32
+tensors in [0, 1] (no rounding back to uint8). For downscaling this is the same triangle filter with support scaled
+by the reduction factor that PIL's ``Image.resize(..., BILINEAR)`` uses (torchvision's tensor ``Resize`` with
+``antialias=True``); for upscaling it is plain bilinear. Whole batches of equal-size images are resized in one
+vectorised call.
+
+This module also holds the small tensor helpers the other embedders share (uint8 HWC list -> float NCHW batch,
+shortest-edge resize sizes, centre crop).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+
+from .base import Embedder, default_device
+
+log = logging.getLogger(__name__)
+
+#: side used when images do not share one size and none was given
+DEFAULT_SIDE = 64
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shared helpers (used by tiled, clip, sscd)
+# ----------------------------------------------------------------------------------------------------------------
+def as_rgb_uint8(img: np.ndarray, index: int = 0) -> np.ndarray:
+    """Check one image and return it as uint8 HWC with 3 channels (HW and HW1 grayscale are repeated to RGB)."""
+    a = np.asarray(img)
+    if a.dtype != np.uint8:
+        raise TypeError(f"images[{index}]: dtype must be uint8 (HWC RGB), got {a.dtype}")
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.shape[2] not in (1, 3) or a.shape[0] < 1 or a.shape[1] < 1:
+        raise ValueError(f"images[{index}]: shape must be (H, W, 3), (H, W, 1) or (H, W); got {a.shape}")
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    return a
+
+
+def group_by_shape(images: Sequence[np.ndarray]) -> dict[tuple[int, int], list[int]]:
+    """Indices of the images grouped by (height, width), in first-seen order."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, a in enumerate(images):
+        groups.setdefault((int(a.shape[0]), int(a.shape[1])), []).append(i)
+    return groups
+
+
+def stack_to_tensor(images: Sequence[np.ndarray], device: str = "cpu"):
+    """Equal-size uint8 HWC arrays -> float32 tensor (N, 3, H, W) in [0, 1] on ``device`` (channels-last memory)."""
+    import torch
+
+    arr = np.stack(images) if len(images) > 1 else images[0][None]
+    t = torch.from_numpy(np.ascontiguousarray(arr)).to(device, non_blocking=True)
+    return t.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def resize_tensor(x, size: tuple[int, int], mode: str = "bilinear"):
+    """Antialiased resize of a float NCHW tensor to ``size`` = (h, w); a no-op when the size already matches."""
+    import torch.nn.functional as F
+
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode=mode, antialias=True, align_corners=False)
+
+
+def shortest_edge_size(h: int, w: int, side: int) -> tuple[int, int]:
+    """Output (h, w) of torchvision ``Resize(side)`` (smaller edge -> side, the other edge scaled and truncated)."""
+    if h <= w:
+        return side, max(1, int(side * w / h))
+    return max(1, int(side * h / w)), side
+
+
+def center_crop(x, size: tuple[int, int]):
+    """torchvision ``CenterCrop`` on a NCHW tensor (pads with zeros when the crop is larger than the image)."""
+    import torch.nn.functional as F
+
+    th, tw = size
+    h, w = x.shape[-2:]
+    if th > h or tw > w:
+        ph, pw = max(th - h, 0), max(tw - w, 0)
+        x = F.pad(x, [pw // 2, (pw + 1) // 2, ph // 2, (ph + 1) // 2], value=0.0)
+        h, w = x.shape[-2:]
+    top = int(round((h - th) / 2.0))
+    left = int(round((w - tw) / 2.0))
+    return x[..., top : top + th, left : left + tw]
+
+
+def batch_resized(images: Sequence[np.ndarray], size: tuple[int, int], device: str = "cpu", mode: str = "bilinear"):
+    """uint8 HWC images of any sizes -> float32 tensor (N, 3, h, w) in [0, 1], antialiased resize to ``size``.
+
+    Images are grouped by shape and each group is converted and resized with one vectorised call, so a batch of
+    equal-size images costs one ``np.stack`` + one ``interpolate``.
+    """
+    import torch
+
+    imgs = [as_rgb_uint8(a, i) for i, a in enumerate(images)]
+    groups = group_by_shape(imgs)
+    if len(groups) == 1:
+        return resize_tensor(stack_to_tensor(imgs, device), size, mode)
+    out = torch.empty((len(imgs), 3, *size), dtype=torch.float32, device=device)
+    for idx in groups.values():
+        out[idx] = resize_tensor(stack_to_tensor([imgs[i] for i in idx], device), size, mode)
+    return out
+
+
+def parse_size(size, arg: str = "size") -> tuple[int, int] | None:
+    """None | int | (h, w) | "32" | "32x48" -> (h, w) or None; a clear ValueError otherwise."""
+    if size is None:
+        return None
+    try:
+        if isinstance(size, str):
+            parts = size.lower().split("x")
+            vals = [int(p) for p in parts]
+        elif isinstance(size, (int, np.integer)):
+            vals = [int(size)]
+        else:
+            vals = [int(v) for v in size]
+        if len(vals) == 1:
+            vals = vals * 2
+        if len(vals) != 2 or min(vals) < 1:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"{arg}={size!r}: expected a positive int side or (height, width)") from None
+    return vals[0], vals[1]
+
+
+def native_size(images) -> tuple[int, int] | None:
+    """The (h, w) shared by every image of an ImageSet (from headers), or None when sizes differ / set is empty."""
+    try:
+        sizes = set(tuple(int(v) for v in s) for s in images.sizes())
+    except Exception as e:  # pragma: no cover - defensive: a broken header should not stop the embedder
+        log.warning("could not read image sizes (%s); using the default size", e)
+        return None
+    return next(iter(sizes)) if len(sizes) == 1 else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+class PixelEmbedder(Embedder):
+    """Resize to ``size`` (default: native size when all images share it, else 64x64), RGB/255, flatten. L2 metric.
+
+    Args:
+        size: side (int) or (height, width). None: chosen by :meth:`prepare` (native size when every image of the
+            ImageSet has the same size, else 64x64). Once set it is never changed, so an audit prepares on the
+            training set and embeds generated samples in the same space.
+        batch_size: images per batch.
+        device: torch device (default: CUDA when available, else CPU).
+    """
+
+    metric = "l2"
+    default_threshold = None
+    kind = "pixel"
+
+    def __init__(self, size=None, *, batch_size: int = 256, device: str | None = None) -> None:
+        self.size: tuple[int, int] | None = parse_size(size)
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: must be >= 1")
+        self.device = device or default_device()
+
+    # -- size -----------------------------------------------------------------------------------------------------
+    def _fit_size(self, hw: tuple[int, int]) -> tuple[int, int]:
+        """Hook for subclasses (tiled rounds to a multiple of its grid)."""
+        return hw
+
+    def prepare(self, images) -> None:
+        if self.size is not None:
+            return
+        hw = native_size(images)
+        if hw is None:
+            log.info("%s: images have different sizes; resizing all to %dx%d", self.kind, DEFAULT_SIDE, DEFAULT_SIDE)
+            hw = (DEFAULT_SIDE, DEFAULT_SIDE)
+        self.size = self._fit_size(hw)
+
+    def _ensure_size(self, images: Sequence[np.ndarray]) -> tuple[int, int]:
+        if self.size is None:  # embed_batch called without prepare(): decide from this first batch, then keep it
+            shapes = {tuple(np.shape(a)[:2]) for a in images}
+            hw = next(iter(shapes)) if len(shapes) == 1 else (DEFAULT_SIDE, DEFAULT_SIDE)
+            self.size = self._fit_size((int(hw[0]), int(hw[1])))
+            log.info("%s: size not set and prepare() not called; using %s from the first batch", self.kind, self.size)
+        return self.size
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        if self.size is None:
+            return "pixel-auto"
+        return f"pixel-{self.size[0]}x{self.size[1]}"
+
+    @property
+    def dim(self) -> int | None:
+        return None if self.size is None else 3 * self.size[0] * self.size[1]
+
+    # -- embedding ------------------------------------------------------------------------------------------------
+    def _tensor(self, images: Sequence[np.ndarray]):
+        return batch_resized(images, self._ensure_size(images), self.device, "bilinear")
+
+    def embed_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        import torch
+
+        if len(images) == 0:
+            return np.zeros((0, self.dim or 0), np.float32)
+        with torch.inference_mode():
+            x = self._tensor(images)  # (N, 3, h, w)
+            v = x.permute(0, 2, 3, 1).reshape(len(images), -1)  # HWC order
+            return v.float().cpu().numpy()
+
+    def describe(self) -> dict:
+        d = super().describe()
+        h, w = self.size if self.size is not None else (None, None)
+        d.update(
+            {
+                "preprocessing": (
+                    f"RGB uint8/255; resize to {h}x{w} with torch interpolate bilinear antialias=True "
+                    "(no resize when the image already has this size); flattened HWC"
+                ),
+                "size": [h, w],
+                "weights": None,
+            }
+        )
+        return d
