@@ -427,38 +427,63 @@ def evaluate_samples(
 def loss_pass(model, scheduler, ref: ReferenceSet, cfg: AuditConfig, device=None):
     """Denoising losses of (a fixed subset of) train and held-out images at fixed timesteps and noise.
 
-    Returns ``(train_losses, train_positions, heldout_losses)`` or ``None`` for models the pass does not apply to
-    (text-conditional pipelines: their loss needs captions).
+    Returns ``(train_ids, train_losses, heldout_losses)`` or ``None`` for models the pass does not apply to
+    (text-conditional pipelines: their loss needs captions and the VAE; models without a scheduler).
+    Images are brought to the model's resolution and channel count (grayscale models get the channel mean).
     """
     from .metrics import denoising_losses
 
-    if not callable(model) or hasattr(model, "text_encoder"):
+    if scheduler is None or not callable(model) or hasattr(model, "text_encoder"):
         return None
+    conf = getattr(model, "config", None)
+    size = getattr(conf, "sample_size", None)
+    channels = getattr(conf, "in_channels", None)
+    if getattr(conf, "cross_attention_dim", None):
+        return None  # UNet2DConditionModel: needs text embeddings
     rng = np.random.default_rng(cfg.seed)
-    n = len(ref.train)
-    pos = np.sort(rng.permutation(n)[: cfg.loss_max_images]) if n > cfg.loss_max_images else np.arange(n)
-    tr = _stack_images(ref.train, pos)
-    tl = denoising_losses(model, scheduler, tr, timesteps=tuple(cfg.loss_timesteps), noise_draws=cfg.loss_noise_draws,
-                          seed=cfg.seed, batch_size=cfg.batch_size, device=device)
+
+    def subset(images, n_max):
+        n = len(images)
+        return np.sort(rng.permutation(n)[:n_max]) if n > n_max else np.arange(n)
+
+    def losses(images, pos, seed):
+        ids, x = _stack_images(images, pos, size, channels)
+        keep = {i: p for i, p in zip((images.ids[int(p)] for p in pos), pos)}
+        idx = [int(keep[i]) for i in ids]  # decode failures drop out; each image keeps its own noise
+        return ids, denoising_losses(model, scheduler, x, timesteps=tuple(cfg.loss_timesteps),
+                                     noise_draws=cfg.loss_noise_draws, seed=seed, batch_size=cfg.batch_size,
+                                     device=device, indices=idx)
+
+    train_ids, tl = losses(ref.train, subset(ref.train, cfg.loss_max_images), cfg.seed)
     hl = None
     if ref.heldout is not None:
-        m = len(ref.heldout)
-        hpos = np.sort(rng.permutation(m)[: cfg.loss_max_images]) if m > cfg.loss_max_images else np.arange(m)
-        # offset the noise seed so held-out image i does not share noise with training image i
-        hl = denoising_losses(model, scheduler, _stack_images(ref.heldout, hpos), timesteps=tuple(cfg.loss_timesteps),
-                              noise_draws=cfg.loss_noise_draws, seed=cfg.seed + 1, batch_size=cfg.batch_size,
-                              device=device)
-    return tl, pos, hl
+        # a different noise seed: held-out image i must not share noise with training image i
+        _, hl = losses(ref.heldout, subset(ref.heldout, cfg.loss_max_images), cfg.seed + 1)
+    return train_ids, tl, hl
 
 
-def _stack_images(images, positions) -> np.ndarray:
-    arrs = []
+def _stack_images(images, positions, size=None, channels=None) -> np.ndarray:
+    """Decode ``positions`` of an ImageSet into one uint8 NHWC array at the model's size and channel count."""
+    from PIL import Image
+
+    if isinstance(size, int):
+        size = (size, size)
+    arrs, got = [], []
     for ids, batch in images.iter_batches(256, indices=[int(p) for p in positions]):
-        arrs.extend(batch)
+        got.extend(ids)
+        for a in batch:
+            if size is not None and tuple(a.shape[:2]) != tuple(size):
+                a = np.asarray(Image.fromarray(a).resize((size[1], size[0]), Image.BILINEAR))
+            arrs.append(a)
+    if not arrs:
+        raise ValueError(f"no decodable image among the {len(positions)} chosen for the denoising loss")
     shapes = {a.shape for a in arrs}
     if len(shapes) != 1:
-        raise ValueError(f"denoising loss needs training images of one size; found sizes {sorted(shapes)[:4]}")
-    return np.stack(arrs)
+        raise ValueError(f"denoising loss needs images of one size (or a model with config.sample_size); found {sorted(shapes)[:4]}")
+    x = np.stack(arrs)
+    if channels == 1:
+        x = x.mean(axis=3, keepdims=True).round().astype(np.uint8)
+    return got, x
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -521,8 +546,8 @@ def audit(
     """
     from . import __version__
     from .checkpoints import CheckpointRun, discover_checkpoints
-    from .monitor import OnsetRule, detect_onset, recommend_checkpoint
-    from .sampling import CheckpointSampler, load_saved_samples, save_samples
+    from .monitor import OnsetRule, recommend_checkpoint
+    from .sampling import CheckpointSampler
 
     cfg = config or AuditConfig()
     over = {"train": train, "heldout": heldout, "num_samples": num_samples, "seed": seed}
@@ -575,19 +600,21 @@ def audit(
     with prog or nullcontext():
         task = prog.add_task("auditing checkpoints", total=len(run.checkpoints)) if prog else None
         for ckpt in run.checkpoints:
-            batch = None
-            sample_dir = out_path / "samples" / f"step-{ckpt.step}" if (out_path and cfg.keep_samples) else None
-            if sample_dir is not None:
-                batch = load_saved_samples(sample_dir, cfg.num_samples)
-            model = None
-            if batch is None:
-                model = run.load(ckpt, device=cfg.device)
-                batch = sampler.sample(model)
-                if sample_dir is not None:
-                    save_samples(batch, sample_dir)
+            loaded: dict[str, Any] = {}
+
+            def load_model(ckpt=ckpt, loaded=loaded):
+                if "model" not in loaded:
+                    loaded["model"] = run.load(ckpt, device=cfg.device)
+                return loaded["model"]
+
+            keep = out_path is not None and cfg.keep_samples
+            if keep:
+                batch = sampler.sample_or_load(load_model, out_path / "samples", ckpt.step)
+            else:
+                batch = sampler.sample(load_model())
             finite = np.asarray(batch.finite_mask, bool)
             idx = np.asarray(batch.indices)[finite]
-            rel = [f"samples/step-{ckpt.step}/sample_{i:05d}.png" if sample_dir is not None else None for i in idx]
+            rel = [f"samples/step-{ckpt.step}/sample_{i:05d}.png" if keep else None for i in idx]
             ev = evaluate_samples(ref, batch.images[finite], sample_paths=rel, sample_indices=idx,
                                   confidence=cfg.confidence, gallery_size=cfg.gallery_size)
             cr = CheckpointResult(step=ckpt.step, path=ckpt.path, num_samples=int(finite.size),
@@ -598,21 +625,19 @@ def audit(
             for tid in ev.copied_train_ids:
                 copies.setdefault(tid, {}).setdefault(ckpt.step, 0)
                 copies[tid][ckpt.step] += 1
-            if model is None:
-                model = run.load(ckpt, device=cfg.device)
-            lp = loss_pass(model, run.new_scheduler(), ref, cfg, device=cfg.device)
+            lp = loss_pass(load_model(), run.new_scheduler(), ref, cfg, device=cfg.device)
             if lp is not None:
                 from .metrics import membership_auc, membership_percentile
 
-                tl, tpos, hl = lp
+                tids, tl, hl = lp
                 cr.loss_train = float(np.mean(tl))
                 if hl is not None:
                     cr.loss_heldout = float(np.mean(hl))
                     cr.loss_gap = cr.loss_heldout - cr.loss_train
                     cr.membership_auc = float(membership_auc(tl, hl))
                     pct = membership_percentile(tl, hl)
-                    membership = {ref.train.ids[int(p)]: float(v) for p, v in zip(tpos, pct)}
-            del model
+                    membership = {i: float(v) for i, v in zip(tids, pct)}
+            loaded.clear()
             results.append(cr)
             if prog:
                 prog.advance(task)
@@ -620,7 +645,7 @@ def audit(
     rule = OnsetRule(threshold=cfg.onset_threshold, patience=cfg.onset_patience, confidence=cfg.confidence)
     steps = [c.step for c in results]
     lows = [c.onset_signal.low if c.onset_signal is not None else None for c in results]
-    onset_step = detect_onset(steps, lows, threshold=rule.threshold, patience=rule.patience)
+    onset_step = rule.detect(steps, lows)
     rec_step, reason = recommend_checkpoint(
         steps, onset_step, heldout_losses=[c.loss_heldout for c in results],
         signal_values=[c.onset_signal.value if c.onset_signal else None for c in results],

@@ -348,29 +348,36 @@ def _pipeline_is_text(folder: Path) -> bool:
 
 
 def load_scheduler(spec: Any):
-    """A diffusers scheduler from a ``SchedulerMixin`` (copied), a folder holding ``scheduler_config.json`` (or a
+    """See :func:`load_scheduler_with_source`; returns only the scheduler."""
+    return load_scheduler_with_source(spec)[0]
+
+
+def load_scheduler_with_source(spec: Any):
+    """(scheduler, source) from a ``SchedulerMixin`` (copied), a folder holding ``scheduler_config.json`` (or a
     ``scheduler/`` subfolder), a ``scheduler_config.json`` path, a config dict with ``_class_name``, or a name:
     ``"ddpm"``, ``"ddim"``, ``"ddpm-cosine"``, ``"ddim-cosine"`` (diffusers defaults: 1000 training steps; linear
-    betas 1e-4..0.02, or the cosine schedule). Never touches the hub."""
+    betas 1e-4..0.02, or the cosine schedule). ``source`` is the config file read, ``"name:ddpm"``, ``"dict"`` or
+    ``"object:<class>"``. Never touches the hub."""
     import diffusers
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
     if isinstance(spec, SchedulerMixin):
-        return type(spec).from_config(spec.config)
+        return type(spec).from_config(spec.config), f"object:{type(spec).__name__}"
     if isinstance(spec, Mapping):
         cfg = dict(spec)
         cls_name = cfg.get("_class_name", "DDPMScheduler")
-        return _scheduler_class(cls_name, "scheduler config dict").from_config(cfg)
+        return _scheduler_class(cls_name, "scheduler config dict").from_config(cfg), "dict"
     if isinstance(spec, (str, os.PathLike)):
         s = str(spec)
         if s.lower() in _SCHEDULER_NAMES:
             cls_name, kw = _SCHEDULER_NAMES[s.lower()]
-            return getattr(diffusers, cls_name)(**kw)
+            return getattr(diffusers, cls_name)(**kw), f"name:{s.lower()}"
         p = Path(s)
         for cand in (p, p / "scheduler_config.json", p / "scheduler" / "scheduler_config.json"):
             if cand.is_file():
                 cfg = _read_json(cand)
-                return _scheduler_class(cfg.get("_class_name", "DDPMScheduler"), str(cand)).from_config(cfg)
+                cls = _scheduler_class(cfg.get("_class_name", "DDPMScheduler"), str(cand))
+                return cls.from_config(cfg), str(cand)
         raise CheckpointError(
             f"scheduler={s!r}: not a scheduler name ({', '.join(sorted(_SCHEDULER_NAMES))}) and no "
             "scheduler_config.json found there (looked at the path, <path>/scheduler_config.json and "
@@ -639,10 +646,7 @@ def discover_checkpoints(
 
     sched_obj, sched_src = None, ""
     if scheduler is not None:
-        sched_obj = load_scheduler(scheduler)
-        sched_src = (f"object:{type(scheduler).__name__}" if not isinstance(scheduler, (str, os.PathLike, Mapping))
-                     else (f"name:{scheduler}" if str(scheduler).lower() in _SCHEDULER_NAMES
-                           else ("dict" if isinstance(scheduler, Mapping) else str(scheduler))))
+        sched_obj, sched_src = load_scheduler_with_source(scheduler)
     else:
         for d in sched_dirs + [Path(c.path) for c in cks if c.kind == "pipeline"]:
             cfgp = _find_scheduler_config(d)
@@ -699,8 +703,12 @@ def _torch_load_tensors(path: Path) -> dict:
     """``torch.load(weights_only=True)``; a pickle carrying anything but tensors/containers is refused unexecuted."""
     import torch
 
+    import warnings
+
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()
         detail = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
@@ -830,7 +838,10 @@ def load_unet(checkpoint: Union[Checkpoint, PathLike], device=None, dtype=None):
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):  # pragma: no cover
         model = cls.from_config(init_cfg)
         model.load_state_dict(sd, strict=True)
-    model = model.to(device=device or _default_device(), dtype=dtype or torch.float32)
+    target = dtype or torch.float32
+    if any(t.dtype != target for t in model.parameters() if t.is_floating_point()):
+        model = model.to(dtype=target)
+    model = model.to(device=device or _default_device())
     model.eval()
     model.requires_grad_(False)
     return model

@@ -156,10 +156,13 @@ _ORIENT_SWAP = {5, 6, 7, 8}  # EXIF orientations that transpose width and height
 def _oriented_size(im: Image.Image) -> tuple[int, int]:
     """(height, width) after EXIF orientation, from the header only."""
     w, h = im.size
-    try:
-        orient = im.getexif().get(0x0112)
-    except Exception:  # a broken EXIF block only matters at decode
-        orient = None
+    orient = None
+    # PNG's getexif() decodes the whole image to look for an eXIf chunk after the pixels: only use a header one
+    if im.format != "PNG" or "exif" in im.info:
+        try:
+            orient = im.getexif().get(0x0112)
+        except Exception:  # a broken EXIF block only matters at decode
+            orient = None
     if orient in _ORIENT_SWAP:
         w, h = h, w
     return int(h), int(w)
@@ -360,6 +363,16 @@ def _check_one_array(a: Any, where: str) -> np.ndarray:
     raise ValueError(f"{where}: shape {a.shape} is not allowed; expected (H, W) or (H, W, C) with C in (1, 3, 4)")
 
 
+def _coerce_cell(cell: Any) -> Any:
+    """Arrow / the numpy formatter hand back integer pixels as int64: accept them when all are valid 8-bit levels."""
+    if isinstance(cell, Image.Image) or cell is None:
+        return cell
+    a = np.asarray(cell)
+    if np.issubdtype(a.dtype, np.integer) and a.dtype != np.uint8 and a.size and a.min() >= 0 and a.max() <= 255:
+        return a.astype(np.uint8)
+    return a
+
+
 class _HFBackend(_Backend):
     """Rows of a ``datasets.Dataset``; Image-feature columns are read as encoded bytes and decoded by us."""
 
@@ -400,7 +413,7 @@ class _HFBackend(_Backend):
             with fp:
                 return _decode_pil_source(fp, id, self.max_pixels)
         try:
-            a = _check_one_array(cell, f"dataset column {self.column!r} row {handle}")
+            a = _check_one_array(_coerce_cell(cell), f"dataset column {self.column!r} row {handle}")
         except ValueError as e:
             raise ImageDecodeError(id, str(e)) from None
         h, w = a.shape[:2]
@@ -443,7 +456,7 @@ class _HFBackend(_Backend):
                     pass
             return hashlib.sha1(f"diffaudit-missing:{handle}:{id}".encode()).hexdigest()
         try:
-            return _hash_pixels(_check_one_array(cell, "row"))
+            return _hash_pixels(_check_one_array(_coerce_cell(cell), "row"))
         except ValueError:
             return hashlib.sha1(f"diffaudit-invalid:{handle}:{id}".encode()).hexdigest()
 
@@ -620,6 +633,7 @@ class ImageSet:
         self._skip_lock = threading.Lock()
         #: statistics of the last iter_batches call (decodes in flight), for tests and benchmarks
         self.last_iter_stats: dict[str, int] = {}
+        self._num_workers: int | None = None  # from_folder's num_workers, the default for iter_batches
 
     # ---------------------------------------------------------------- constructors
 
@@ -882,7 +896,7 @@ class ImageSet:
             order: Sequence[int] = range(len(self))
         else:
             order = [self._position(int(i)) for i in indices]
-        workers = _default_workers(num_workers if num_workers is not None else getattr(self, "_num_workers", None))
+        workers = _default_workers(num_workers if num_workers is not None else self._num_workers)
         return self._iter(order, batch_size, workers)
 
     def _iter(self, order: Sequence[int], batch_size: int, workers: int):
@@ -980,8 +994,7 @@ class ImageSet:
             skipped=[s for s in self.skipped if s.id in keep],
             source=f"{self.source}[subset n={len(ids)}]",
         )
-        if hasattr(self, "_num_workers"):
-            sub._num_workers = self._num_workers
+        sub._num_workers = self._num_workers
         if self._keys is not None:
             sub._keys = [self._keys[p] for p in pos]
         return sub

@@ -611,13 +611,14 @@ def search_shards(indexes: Sequence[EmbeddingIndex], queries, k: int = 5, **kw) 
 
 
 def self_neighbors(index_or_vectors, k: int = 1, *, metric: str = "l2", batch_size: int = 4096,
-                   refine: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                   refine: bool = True, rows: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each stored row's ``k`` nearest OTHER rows: ``(scores, indices)``, both (N, k).
 
     A row is excluded by its index, not by distance 0, so exact duplicates of a row are still reported as its
     neighbours. Used for the train-vs-train second-neighbour baseline, duplicate detection and outlier scores.
     Accepts an :class:`EmbeddingIndex` or an (N, dim) array (indexed exactly with ``metric``). ``refine`` re-computes
     the scores exactly (exact copies score exactly 0 / 1). Missing neighbours (N <= k) are -1 with score inf/-inf.
+    ``rows`` restricts the result to those stored rows (in that order); default all rows.
     """
     if isinstance(index_or_vectors, EmbeddingIndex):
         index = index_or_vectors
@@ -630,12 +631,18 @@ def self_neighbors(index_or_vectors, k: int = 1, *, metric: str = "l2", batch_si
     k = int(k)
     index.build()
     n = index.ntotal
-    scores = np.empty((n, k), np.float32)
-    indices = np.empty((n, k), np.int64)
-    for s in range(0, n, batch_size):
-        q = index.get_vectors(s, s + batch_size)
+    row_ids = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
+    if len(row_ids) and (row_ids.min() < 0 or row_ids.max() >= n):
+        raise ValueError(f"rows must be row numbers in [0, {n}); got values from {row_ids.min()} to {row_ids.max()}")
+    stored = index._stored()
+    m = len(row_ids)
+    scores = np.empty((m, k), np.float32)
+    indices = np.empty((m, k), np.int64)
+    for s in range(0, m, batch_size):
+        r = row_ids[s:s + batch_size]
+        q = index.get_vectors(s, s + batch_size) if rows is None else np.asarray(stored[r], dtype=np.float32)
         D, I = index._search_prepared(q, k + 1, refine)
-        own = I == np.arange(s, s + len(q))[:, None]
+        own = I == r[:, None]
         # drop the row itself wherever it is; rows whose own index is absent (many exact copies) drop the last
         order = np.argsort(own, axis=1, kind="stable")[:, :k]
         scores[s:s + len(q)] = np.take_along_axis(D, order, axis=1)

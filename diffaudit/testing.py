@@ -31,14 +31,14 @@ log = logging.getLogger(__name__)
 __all__ = ["OptimalDenoiser", "GaussianDenoiser", "DenoiserOutput", "tiny_unet", "write_tiny_run", "to_model_space"]
 
 
-def to_model_space(images: np.ndarray) -> np.ndarray:
-    """uint8 NHWC (or NHW) images -> float32 NCHW in [-1, 1]."""
+def to_model_space(images: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """uint8 NHWC (or NHW) images -> NCHW in [-1, 1] (``x / 127.5 - 1``)."""
     x = np.asarray(images)
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or x.dtype != np.uint8:
         raise ValueError(f"images: expected uint8 NHWC or NHW, got dtype {x.dtype} shape {x.shape}")
-    return (x.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2)
+    return (x.astype(dtype) / 127.5 - 1.0).transpose(0, 3, 1, 2)
 
 
 @dataclass
@@ -114,16 +114,16 @@ class OptimalDenoiser(_ClosedFormDenoiser):
     """
 
     def __init__(self, train_images: np.ndarray, scheduler) -> None:
-        y = to_model_space(train_images)
+        y = to_model_space(train_images, np.float64)
         if len(y) == 0:
             raise ValueError("train_images: need at least one image")
         super().__init__(scheduler, *_geometry(y))
         train = torch.as_tensor(y.reshape(len(y), -1), dtype=torch.float64)
-        self.register_buffer("train", train, persistent=False)
+        self.register_buffer("train_flat", train, persistent=False)
         self.register_buffer("train_sq", (train ** 2).sum(1), persistent=False)
 
     def x0_hat(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        train, train_sq = self.train.to(x.device), self.train_sq.to(x.device)
+        train, train_sq = self.train_flat.to(x.device), self.train_sq.to(x.device)
         sa = a.sqrt()[:, None]
         # ||x - sqrt(a) y||^2 = ||x||^2 - 2 sqrt(a) x.y + a ||y||^2
         d2 = (x ** 2).sum(1, keepdim=True) - 2 * sa * (x @ train.T) + a[:, None] * train_sq[None]
@@ -172,8 +172,8 @@ class GaussianDenoiser(_ClosedFormDenoiser):
     @classmethod
     def fit(cls, train_images: np.ndarray, scheduler, *, diagonal: bool = False, ridge: float = 1e-4):
         """Gaussian with the mean and covariance (or per-pixel variance) of uint8 ``train_images``."""
-        y = to_model_space(train_images)
-        flat = y.reshape(len(y), -1).astype(np.float64)
+        y = to_model_space(train_images, np.float64)
+        flat = y.reshape(len(y), -1)
         mean = flat.mean(0).reshape(y.shape[1:])
         if diagonal:
             return cls(mean, var=flat.var(0) + ridge, scheduler=scheduler)

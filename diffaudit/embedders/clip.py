@@ -76,24 +76,19 @@ def load_state_dict_file(path) -> dict:
 
 def _load_into(model, sd: dict, path: str) -> None:
     """Strict load into the full model, or into ``model.visual`` for a vision-only checkpoint; clear mismatch error."""
-    target = model
     model_keys = set(model.state_dict())
-    keys = set(sd)
+    sd = dict(sd)
     if "logit_scale" in sd and hasattr(model, "logit_scale") and sd["logit_scale"].ndim != model.logit_scale.ndim:
-        sd = dict(sd)
         sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
-    for k in list(sd):
-        if k.endswith("embeddings.position_ids") and k not in model_keys:
-            sd = {kk: vv for kk, vv in sd.items() if kk != k}
-    keys = set(sd)
-    visual_keys = set(model.visual.state_dict())
-    if not keys & model_keys:
-        if keys <= {"visual." + k for k in visual_keys} | visual_keys:
+    for k in [k for k in sd if k.endswith("embeddings.position_ids") and k not in model_keys]:
+        del sd[k]  # dropped by newer transformers versions
+    target, keys = model, set(sd)
+    if keys != model_keys:
+        visual_keys = set(model.visual.state_dict())
+        stripped = {k[len("visual.") :] if k.startswith("visual.") else k for k in keys}
+        if len(stripped) == len(keys) and stripped == visual_keys:  # a checkpoint of the vision tower only
             target = model.visual
             sd = {k[len("visual.") :] if k.startswith("visual.") else k: v for k, v in sd.items()}
-    elif keys and all(k.startswith("visual.") for k in keys) and keys <= model_keys:
-        target = model.visual
-        sd = {k[len("visual.") :]: v for k, v in sd.items()}
     tkeys = set(target.state_dict())
     missing = sorted(tkeys - set(sd))
     unexpected = sorted(set(sd) - tkeys)
@@ -109,6 +104,14 @@ def _load_into(model, sd: dict, path: str) -> None:
         msg = str(e).strip().splitlines()
         detail = "; ".join(line.strip() for line in msg[1:4]) or msg[0]
         raise ValueError(f"weights={path!r}: tensor shapes do not match the architecture: {detail}") from None
+
+
+class _DropRandomInitWarning(logging.Filter):
+    """open_clip logs 'No pretrained weights loaded ... initialized randomly' on the root logger when we build the
+    architecture before loading our own weights; that message is wrong here, so it is dropped during the call."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
 
 
 class CLIPEmbedder(Embedder):
@@ -153,7 +156,12 @@ class CLIPEmbedder(Embedder):
             raise ValueError(f"arch={self.arch!r}: not an open_clip architecture (open_clip.list_models(): {known}, ...)")
         if self.weights is not None:
             self.sha256 = file_sha256(self.weights)
-            model, _, _ = open_clip.create_model_and_transforms(self.arch, pretrained=None, device="cpu")
+            quiet = _DropRandomInitWarning()
+            logging.getLogger().addFilter(quiet)
+            try:
+                model, _, _ = open_clip.create_model_and_transforms(self.arch, pretrained=None, device="cpu")
+            finally:
+                logging.getLogger().removeFilter(quiet)
             _load_into(model, load_state_dict_file(self.weights), str(self.weights))
         else:
             self.sha256 = None

@@ -60,8 +60,8 @@ def stack_to_tensor(images: Sequence[np.ndarray], device: str = "cpu"):
     """Equal-size uint8 HWC arrays -> float32 tensor (N, 3, H, W) in [0, 1] on ``device`` (channels-last memory)."""
     import torch
 
-    arr = np.stack(images) if len(images) > 1 else images[0][None]
-    t = torch.from_numpy(np.ascontiguousarray(arr)).to(device, non_blocking=True)
+    arr = np.stack(images)  # a fresh, writable, contiguous array (inputs may be read-only views)
+    t = torch.from_numpy(arr).to(device, non_blocking=True)
     return t.permute(0, 3, 1, 2).float().div_(255.0)
 
 

@@ -19,7 +19,8 @@ def as_vectors(x, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be a 2-D array (n, dim); got shape {a.shape}")
     if a.shape[0] == 0 or a.shape[1] == 0:
         raise ValueError(f"{name} must be non-empty; got shape {a.shape}")
-    a = a.astype(np.float64, copy=False)
+    if not np.issubdtype(a.dtype, np.floating):
+        a = a.astype(np.float64)
     bad = ~np.isfinite(a).all(axis=1)
     if bad.any():
         raise ValueError(f"{name} has {int(bad.sum())} rows with NaN/inf values (first at row {int(np.argmax(bad))})")
@@ -33,14 +34,18 @@ def check_metric(metric: str) -> str:
 
 
 def _normalize(a: np.ndarray) -> np.ndarray:
+    a = a.astype(np.float64, copy=False)
     norm = np.linalg.norm(a, axis=1, keepdims=True)
     return a / np.where(norm > 0, norm, 1.0)
 
 
 def _exact(q: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
     """Exact distances between q[i] and b[i, j] (q: (n, d), b: (n, m, d)) -> (n, m)."""
+    q = q.astype(np.float64, copy=False)
+    b = b.astype(np.float64, copy=False)
     if metric == "l2":
-        return np.sqrt(np.einsum("nmd,nmd->nm", b - q[:, None, :], b - q[:, None, :]))
+        diff = b - q[:, None, :]
+        return np.sqrt(np.einsum("nmd,nmd->nm", diff, diff))
     return np.clip(1.0 - np.einsum("nmd,nd->nm", b, q), 0.0, 2.0)
 
 
@@ -65,7 +70,7 @@ def knn(queries, base, k: int, *, metric: str = "l2", exclude_self: bool = False
                          f"rows in {base_name})")
     if metric == "cosine":
         q, b = _normalize(q), _normalize(b)
-    bf = b.astype(np.float32)
+    bf = b.astype(np.float32, copy=False)
     bsq = np.einsum("ij,ij->i", bf, bf)
     # candidates: a few more than needed, so exact re-scoring can fix float32 near-ties
     kc = min(avail + (1 if exclude_self else 0), k + (1 if exclude_self else 0) + 4)

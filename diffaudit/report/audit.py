@@ -77,6 +77,7 @@ def render_audit(result: AuditResult, path: str | Path, *, images: ImageProvider
     text = render_audit_html(result, images=images, title=title, base_dir=base_dir, thumb_px=thumb_px,
                              max_gallery=max_gallery, gallery_budget=gallery_budget, max_rows=max_rows)
     atomic_write_text(p, text)
+    _readable(p)
     log.info("wrote audit report %s (%.1f kB)", p, len(text.encode()) / 1e3)
     return str(p)
 
@@ -114,7 +115,7 @@ def write_risk_csv(images: Iterable[ImageRisk], path: str | Path) -> str:
     """
     rows = _sorted_risks(list(images))
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
+    w = csv.writer(buf)  # RFC 4180 "\r\n" rows: fields holding \r or \n get quoted
     w.writerow(["id", "copies", "first_step_copied", "duplicates", "outlier_score", "label", "membership_score",
                 "loo_score", "copies_by_step"])
     for r in rows:
@@ -125,7 +126,20 @@ def write_risk_csv(images: Iterable[ImageRisk], path: str | Path) -> str:
                     _csv_num(r.outlier_score), _csv_text(r.label), _csv_num(r.membership_score),
                     _csv_num(r.loo_score), _csv_text(by_step)])
     atomic_write_text(path, buf.getvalue())
+    _readable(Path(path))
     return str(path)
+
+
+def _readable(p: Path) -> None:
+    """The temp file behind an atomic write is 0600; give the result the usual umask-based mode (0644 typically)."""
+    import os
+
+    try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(p, 0o666 & ~mask)
+    except OSError:  # not ours to change (some filesystems): leave it
+        pass
 
 
 # ------------------------------------------------------------------------------------------------------ formatting
@@ -296,32 +310,49 @@ def _as_rgb_u8(arr: Any) -> np.ndarray | None:
 @dataclass
 class Thumb:
     alt: str
-    uri: str | None = None
-    w: int = 0
+    ref: str | None = None  # id of the shared <image> in the page's sprite sheet; None: placeholder
+    iw: int = 0  # encoded size
+    ih: int = 0
+    w: int = 0  # display size
     h: int = 0
     px: bool = False  # upscaled for display: draw pixelated
     label: str = ""  # placeholder text
 
 
 class _Thumbs:
-    """Encodes each (kind, key) once per report; a provider failure becomes a placeholder, never an exception."""
+    """Encodes each (kind, key) once per report and stores each distinct picture once in the page (an SVG sprite
+    sheet that thumbnails ``<use>``): a training image nearest to many samples costs its bytes once. A provider
+    failure becomes a placeholder, never an exception."""
 
     def __init__(self, provider: ImageProvider, box: int):
         self.provider, self.box = provider, box
-        self._cache: dict[tuple[str, str], tuple[str, int, int] | None] = {}
+        self._cache: dict[tuple[str, str], dict | None] = {}
+        self._sprites: dict[str, dict] = {}  # data URI -> {"id", "uri", "w", "h"}, in first-use order
 
     def get(self, kind: str, key: str | None, alt: str, label: str) -> Thumb:
         if key is None or key == "":
             return Thumb(alt=alt, label=label)
         ck = (kind, str(key))
         if ck not in self._cache:
-            self._cache[ck] = self._encode(kind, str(key))
-        got = self._cache[ck]
-        if got is None:
+            enc = self._encode(kind, str(key))
+            if enc is None:
+                self._cache[ck] = None
+            else:
+                uri, h, w = enc
+                sp = self._sprites.get(uri)
+                if sp is None:
+                    sp = self._sprites[uri] = {"id": f"t{len(self._sprites)}", "uri": uri, "w": w, "h": h}
+                self._cache[ck] = sp
+        sp = self._cache[ck]
+        if sp is None:
             return Thumb(alt=alt, label=label)
-        uri, h, w = got
+        h, w = sp["h"], sp["w"]
         scale = self.box / max(h, w)
-        return Thumb(alt=alt, uri=uri, w=max(1, round(w * scale)), h=max(1, round(h * scale)), px=scale > 1.0)
+        return Thumb(alt=alt, ref=sp["id"], iw=w, ih=h, w=max(1, round(w * scale)), h=max(1, round(h * scale)),
+                     px=scale > 1.0)
+
+    def sprites(self) -> list[dict]:
+        return list(self._sprites.values())
 
     def _encode(self, kind: str, key: str) -> tuple[str, int, int] | None:
         try:
@@ -420,9 +451,9 @@ def _swatch(color: str, dash: str = "", kind: str = "line") -> Markup:
 
 def line_chart(series: Sequence[Series], *, steps: Sequence[float], title: str, fmt: Callable[[Any], str],
                percent: bool = False, onset: float | None = None, keep: float | None = None,
-               hlines: Sequence[HLine] = (), width: int = 640, height: int = 250) -> Markup:
+               hlines: Sequence[HLine] = (), width: int = 560, height: int = 240) -> Markup:
     """An inline SVG line chart over training steps. Every label is escaped; colours come from the palette."""
-    L, R, T, B = 58, 18, 36, 34
+    L, R, T, B = 52, 14, 36, 34
     pw, ph = width - L - R, height - T - B
     xs = sorted({float(s) for s in steps})
     x0, x1 = (xs[0], xs[-1]) if xs else (0.0, 1.0)
@@ -686,45 +717,37 @@ def _charts(result: AuditResult, cks: list[CheckpointResult], colors: dict[str, 
         legend = [{"label": s.label, "sw": _swatch(s.color, s.dash, "band" if s.band and any(
             p[2] is not None for p in s.points) else "line")} for s in series]
         legend += [{"label": h.label, "sw": _swatch(h.color, h.dash)} for h in hlines if _f(h.y) is not None]
-        if onset is not None:
-            legend.append({"label": f"onset (step {fmt_step(onset)})", "sw": _swatch(ONSET_COLOR)})
-        if keep is not None:
-            legend.append({"label": f"recommended checkpoint (step {fmt_step(keep)})",
-                           "sw": _swatch(KEEP_COLOR, "4 3")})
         charts.append(Chart(key, title, subtitle, svg, legend))
         return True
 
     names = list(colors)
-    # fraction-of-samples signals, one chart each
-    frac_specs = [
-        ("memorization_ratio", "Memorization ratio",
-         "Share of samples whose nearest training image is over 3× closer than the second nearest "
-         "(Gu et al. 2023). Shaded: confidence interval."),
-        ("replication_rate", "Replication rate",
-         "Share of samples whose top-1 similarity to the training set exceeds the embedder's copy threshold "
-         "(Somepalli et al. 2023). Shaded: confidence interval."),
-        ("extraction_fraction", "Extraction rate",
-         "Share of samples within the calibrated tiled-L2 ratio of a training image (Carlini et al. 2023)."),
-        ("authenticity", "Authenticity",
-         "Share of samples judged authentic, i.e. not copies (Alaa et al. 2022). Higher is better."),
-    ]
-    for metric, title, sub in frac_specs:
+
+    def frac(metric: str, title: str, sub: str) -> None:
+        nonlocal signal_charted
         series = []
         for n in names:
-            series.append(Series(n if metric != "memorization_ratio" else f"{n}: d1/d2 < 1/3",
+            series.append(Series(f"{n}: d1/d2 < 1/3" if metric == "memorization_ratio" else n,
                                  _pts(cks, m_get(n, metric)), colors[n]))
             if metric == "memorization_ratio":
                 series.append(Series(f"{n}: d1/d2 < 1/2", _pts(cks, m_get(n, "memorization_ratio_half")),
                                      colors[n], dash="5 3", band=False))
-        hl = []
-        if sig_metric == metric and thr is not None:
-            hl.append(HLine(thr, f"onset threshold {fmt_pct(thr)}"))
+        hl = [HLine(thr, f"onset threshold {fmt_pct(thr)}")] if sig_metric == metric and thr is not None else []
         if add(metric, title, sub, series, fmt=fmt_pct, percent=True, hlines=hl) and hl:
             signal_charted = True
+
+    frac("memorization_ratio", "Memorization ratio",
+         "Share of samples whose nearest training image is over 3× closer than the second nearest "
+         "(Gu et al. 2023). Shaded: confidence interval.")
+    frac("replication_rate", "Replication rate",
+         "Share of samples whose top-1 similarity to the training set exceeds the embedder's copy threshold "
+         "(Somepalli et al. 2023). Shaded: confidence interval.")
+    frac("extraction_fraction", "Extraction rate",
+         "Share of samples within the calibrated tiled-L2 ratio of a training image (Carlini et al. 2023). "
+         "Shaded: confidence interval.")
     # the onset signal itself when it is none of the above
     if not signal_charted and any(c.onset_signal is not None for c in cks):
         hl = [HLine(thr, f"onset threshold {fmt_pct(thr)}")] if thr is not None else []
-        add("onset_signal", "Onset signal", f"{on.signal or 'the onset signal'}: the value the onset rule reads "
+        add("onset_signal", "Onset signal", f"{on.signal or 'The onset signal'}: the value the onset rule reads "
             "(shaded: confidence interval).", [Series(on.signal or "signal", _pts(cks, lambda c: c.onset_signal),
                                                       PALETTE[0])], fmt=fmt_pct, percent=True, hlines=hl)
     # top-1 similarity vs baselines, one chart per embedder (units differ)
@@ -737,36 +760,40 @@ def _charts(result: AuditResult, cks: list[CheckpointResult], colors: dict[str, 
         if cos and em0 is not None and _f(em0.threshold) is not None:
             hl.append(HLine(float(em0.threshold), f"copy threshold {fmt_num(em0.threshold)}", dash="2 3"))
         add(f"top1-{n}", f"Top-1 similarity — {n}",
-            f"Samples' nearest training image ({unit}) beside the train-vs-train second-neighbour baseline and "
-            "held-out real images. Samples much closer than the baseline are copying.",
+            f"Each sample's nearest training image ({unit}), beside the training set's own second-neighbour "
+            "baseline and held-out real images. Samples far closer than the baseline are copies.",
             [Series("samples: mean", _pts(cks, m_get(n, "top1_mean")), colors[n], band=False),
              Series(f"samples: {pct_word}", _pts(cks, m_get(n, "top1_p95")), colors[n], dash="5 3", band=False),
              Series("train baseline: mean", _pts(cks, m_get(n, "train_baseline_top1_mean")), REF_COLOR,
                     band=False, marker=False),
              Series(f"train baseline: {pct_word}", _pts(cks, m_get(n, "train_baseline_top1_p95")), REF_COLOR,
                     dash="5 3", band=False, marker=False),
-             Series("held-out real images: mean", _pts(cks, m_get(n, "heldout_top1_mean")), PALETTE[1]
-                    if colors[n] != PALETTE[1] else PALETTE[2], band=False)],
+             Series("held-out real images: mean", _pts(cks, m_get(n, "heldout_top1_mean")),
+                    PALETTE[1] if colors[n] != PALETTE[1] else PALETTE[2], band=False)],
             fmt=fmt_num, hlines=hl)
-    add("ct", "Held-out comparison (C_T z-score)",
-        "Meehan et al. 2020: z < 0 means samples sit closer to the training set than held-out data does "
-        "(copying); around 0 is healthy.",
-        [Series(n, _pts(cks, m_get(n, "heldout_ct_z")), colors[n], band=False) for n in names],
-        fmt=fmt_num, hlines=[HLine(0.0, "no difference")])
     add("loss_gap", "Denoising-loss gap",
-        "Held-out minus training denoising loss at fixed timesteps and noise; > 0 means training images fit "
+        "Held-out minus training denoising loss at fixed timesteps and noise; above 0, training images fit "
         "better. Memorization can start before validation loss rises (Tirumala et al. 2022).",
         [Series("held-out − train", _pts(cks, lambda c: c.loss_gap), PALETTE[0], band=False)],
         fmt=fmt_num, hlines=[HLine(0.0, "no gap")])
+    add("auc", "Membership AUC",
+        "How well per-image loss tells training from held-out images: 0.5 = chance, 1 = every training "
+        "image is recognisable.",
+        [Series("membership AUC", _pts(cks, lambda c: c.membership_auc), PALETTE[0], band=False)],
+        fmt=fmt_num, hlines=[HLine(0.5, "chance")])
+    add("ct", "Held-out comparison (C_T z-score)",
+        "Meehan et al. 2020: z below 0 means samples sit closer to the training set than held-out data does "
+        "(copying); around 0 is healthy.",
+        [Series(n, _pts(cks, m_get(n, "heldout_ct_z")), colors[n], band=False) for n in names],
+        fmt=fmt_num, hlines=[HLine(0.0, "no difference")])
+    add("authenticity", "Authenticity",
+        "Share of samples judged authentic, i.e. not copies (Alaa et al. 2022). Higher is better.",
+        [Series(n, _pts(cks, m_get(n, "authenticity")), colors[n], band=False) for n in names],
+        fmt=fmt_pct, percent=True)
     add("loss", "Denoising loss",
         "Mean denoising loss on training and held-out images at fixed timesteps and noise.",
         [Series("train", _pts(cks, lambda c: c.loss_train), PALETTE[0], band=False),
          Series("held-out", _pts(cks, lambda c: c.loss_heldout), PALETTE[1], band=False)], fmt=fmt_num)
-    add("auc", "Membership AUC",
-        "How well per-image loss separates training from held-out images; 0.5 = chance, 1 = every training "
-        "image is recognisable.",
-        [Series("membership AUC", _pts(cks, lambda c: c.membership_auc), PALETTE[0], band=False)],
-        fmt=fmt_num, hlines=[HLine(0.5, "chance")])
     return charts
 
 
@@ -913,8 +940,13 @@ def _checkpoint_rows(cks: list[CheckpointResult], names: list[str], onset, keep)
         for n, attr, _ in cols:
             em = c.metrics.get(n)
             v = getattr(em, attr, None) if em is not None else None
-            vals.append(fmt_estimate(v) if isinstance(v, Estimate) else fmt_num(v))
-        vals += [fmt_num(getattr(c, k)) for k, _ in extra]
+            if isinstance(v, Estimate):
+                lo, hi = _f(v.low), _f(v.high)
+                vals.append({"main": fmt_pct(v.value),
+                             "sub": f"{fmt_pct(lo)}–{fmt_pct(hi)}" if lo is not None and hi is not None else ""})
+            else:
+                vals.append({"main": fmt_num(v), "sub": ""})
+        vals += [{"main": fmt_num(getattr(c, k)), "sub": ""} for k, _ in extra]
         tags = []
         if c.step == onset:
             tags.append(("onset", "onset"))
@@ -950,6 +982,7 @@ def _context(result: AuditResult, thumbs: _Thumbs, *, title, max_gallery, galler
     ]
     galleries, capped = _galleries(cks, thumbs, onset=on.onset_step, keep=on.recommended_step,
                                    max_gallery=max_gallery, gallery_budget=gallery_budget)
+    sprites = thumbs.sprites()
     skipped = list(result.skipped)
     by_where: dict[str, int] = {}
     for s in skipped:
@@ -963,8 +996,14 @@ def _context(result: AuditResult, thumbs: _Thumbs, *, title, max_gallery, galler
         "verdict": verdict,
         "cards": cards,
         "charts": _charts(result, cks, colors),
+        "chart_key": ([{"label": f"onset (step {fmt_step(on.onset_step)})", "sw": _swatch(ONSET_COLOR)}]
+                      if on.onset_step is not None else [])
+        + ([{"label": f"recommended checkpoint (step {fmt_step(on.recommended_step)})",
+             "sw": _swatch(KEEP_COLOR, "4 3")}] if on.recommended_step is not None else [])
+        + [{"label": "confidence interval", "sw": _swatch(REF_COLOR, kind="band")}],
         "ckpt_table": _checkpoint_rows(cks, list(colors), on.onset_step, on.recommended_step),
         "galleries": galleries,
+        "sprites": sprites,
         "gallery_capped": capped,
         "max_gallery": max_gallery,
         "risk": risk,

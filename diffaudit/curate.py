@@ -1,0 +1,527 @@
+"""Curator API: duplicates inside an image set, and nearest reference images for a set of queries.
+
+``find_duplicates(images)`` embeds the set, finds each image's ``k`` nearest other images with an exact
+:class:`~diffaudit.index.EmbeddingIndex` (IVF above 200k images, candidates re-scored exactly), keeps the pairs within
+the duplicate threshold and groups them into clusters (connected components). ``match(queries, reference)`` returns
+each query's ``k`` nearest reference images, beside the reference set's own nearest-neighbour baseline (how close
+distinct reference images are to each other), so a score can be read against what "close" means in that set.
+
+Default duplicate thresholds (override with ``threshold=`` in the embedder's score units):
+
+* **cosine embedders** use their literature threshold. SSCD: **0.75** -- Pizzi et al. 2022 ("A Self-Supervised
+  Descriptor for Image Copy Detection", CVPR) report that a cosine similarity of 0.75 gives about 90% precision for
+  copy detection. Somepalli et al. 2023 use 0.5 to count *replication* by a generator (a lenient, recall-oriented
+  rule for samples); curators deleting or merging training images need precision, so duplicates use 0.75.
+  CLIP: the embedder's near-duplicate threshold (0.95). Other cosine embedders without a default need ``threshold=``.
+* **pixel / tiled (L2)**: there is no literature threshold for pixel L2 duplicates, so the default combines an
+  absolute and a relative bound and takes the stricter::
+
+      t_abs = RMS difference of 10**(-30/20) = 0.0316 (pixels in [0, 1]), i.e. PSNR >= 30 dB
+              pixel: t_abs * sqrt(dim) in L2 units; tiled: 0.0316 on the max-over-tiles RMS (Carlini et al.)
+      t_rel = (1/3) * median over images of r_a, where r_a is the distance from image a to its nearest
+              neighbour that is NOT within t_abs (its nearest *distinct* image)
+      threshold = min(t_abs, t_rel)
+
+  PSNR 30 dB is the lower end of what lossy compression of 8-bit images is held to (typical PSNR 30..50 dB), so two
+  images are called duplicates when they differ no more than a lossy re-encoding does. The relative bound is Gu et
+  al.'s 1/3 ratio ("On Memorization in Diffusion Models", 2023) applied to the set's typical distance between
+  distinct neighbours; it only binds for sets whose distinct images are unusually alike (e.g. near-uniform scans),
+  where a fixed PSNR would merge distinct images. Exact copies (distance 0) are always duplicates. Other L2 embedders
+  use ``t_rel`` alone (r_a = nearest neighbour at distance > 0). The chosen value and rule are in the report.
+
+Pixel distances cannot see through geometric edits: crops, shifts and flips need SSCD (or CLIP).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from ._serial import JsonMixin, atomic_write_text
+from .results import SkippedItem
+
+log = logging.getLogger(__name__)
+
+#: PSNR (dB) above which two images count as pixel duplicates (absolute bound of the L2 default)
+DUPLICATE_PSNR_DB = 30.0
+#: Gu et al. 2023's ratio, used as the relative bound of the L2 default
+RELATIVE_RATIO = 1.0 / 3.0
+#: SSCD duplicate threshold: Pizzi et al. 2022, cosine 0.75 ~ 90% precision
+SSCD_DUPLICATE_THRESHOLD = 0.75
+
+
+# ---------------------------------------------------------------------------------------------------- result types
+@dataclass
+class DuplicatePair(JsonMixin):
+    """Two images within the duplicate threshold; ``score`` in the embedder's units (L2 distance or cosine)."""
+
+    id_a: str
+    id_b: str
+    score: float
+
+
+@dataclass
+class DuplicateReport(JsonMixin):
+    """Duplicates found in one image set.
+
+    ``pairs`` are sorted closest first; ``clusters`` are the connected components of the pairs (largest first,
+    members in image-set order). ``threshold`` is in score units (L2 distance: pairs <= threshold; cosine: pairs >=
+    threshold), ``threshold_rule`` says how it was chosen. ``skipped`` lists images that could not be decoded.
+    """
+
+    pairs: list[DuplicatePair]
+    clusters: list[list[str]]
+    threshold: Optional[float]
+    embedder: str
+    metric: str
+    num_images: int
+    skipped: list[SkippedItem] = field(default_factory=list)
+    threshold_rule: str = ""
+    k: int = 10
+    source: str = ""
+
+    @property
+    def num_duplicates(self) -> int:
+        """Images that could be removed keeping one per cluster."""
+        return sum(len(c) - 1 for c in self.clusters)
+
+    def cluster_of(self) -> dict[str, int]:
+        """id -> cluster number, for ids in a cluster."""
+        return {i: c for c, members in enumerate(self.clusters) for i in members}
+
+    def to_csv(self, path: str | os.PathLike | None = None) -> str:
+        """One row per pair: ``id_a,id_b,score,cluster``. Cells that a spreadsheet would run as a formula are
+        prefixed with ``'`` (OWASP CSV injection)."""
+        cl = self.cluster_of()
+        rows = [["id_a", "id_b", "score", "cluster"]]
+        rows += [[p.id_a, p.id_b, _fmt(p.score), str(cl.get(p.id_a, ""))] for p in self.pairs]
+        return _write_csv(rows, path)
+
+    def to_html(self, path: str | os.PathLike | None = None, images=None, *, max_clusters: int = 200,
+                max_per_cluster: int = 24, thumb: int = 96) -> str:
+        """Self-contained HTML gallery of the clusters (thumbnails inlined). ``images``: the ImageSet the report
+        was made from (default: the one given to :func:`find_duplicates`, or the folder in ``source``)."""
+        from .report.gallery import duplicates_html
+
+        imgs = _images_for_html(images, getattr(self, "_images", None), self.source, "images")
+        html = duplicates_html(self, imgs, max_clusters=max_clusters, max_per_cluster=max_per_cluster, thumb=thumb)
+        if path is not None:
+            atomic_write_text(path, html)
+        return html
+
+
+@dataclass
+class ScoreSummary(JsonMixin):
+    """Distribution of a score: mean and 5th/50th/95th percentiles over ``n`` values."""
+
+    mean: float
+    p05: float
+    p50: float
+    p95: float
+    n: int
+
+    @classmethod
+    def of(cls, values) -> "ScoreSummary | None":
+        v = np.asarray(values, dtype=np.float64)
+        v = v[np.isfinite(v)]
+        if len(v) == 0:
+            return None
+        p05, p50, p95 = np.percentile(v, [5, 50, 95])
+        return cls(float(v.mean()), float(p05), float(p50), float(p95), int(len(v)))
+
+
+@dataclass
+class Matches(JsonMixin):
+    """For each query, its nearest reference images (closest first) and their scores.
+
+    ``reference_ids[i]`` / ``scores[i]`` belong to ``query_ids[i]`` (shorter than ``k`` only when the reference set
+    is smaller). ``baseline`` summarises the reference set's own nearest-neighbour scores (each reference image to
+    its nearest *other* reference image: the "second neighbour" of a reference image searched against its own set),
+    i.e. how close distinct reference images already are to each other.
+    """
+
+    query_ids: list[str]
+    reference_ids: list[list[str]]
+    scores: list[list[float]]
+    embedder: str
+    metric: str
+    k: int
+    baseline: Optional[ScoreSummary] = None
+    num_reference: int = 0
+    skipped: list[SkippedItem] = field(default_factory=list)
+    query_source: str = ""
+    reference_source: str = ""
+
+    def top1(self) -> list[tuple[str, str | None, float | None]]:
+        """(query id, nearest reference id, score) per query."""
+        return [(q, r[0] if r else None, s[0] if s else None)
+                for q, r, s in zip(self.query_ids, self.reference_ids, self.scores)]
+
+    def closer_than_baseline(self) -> list[str]:
+        """Queries whose nearest reference image is closer than 95% of reference images are to their own nearest
+        neighbour (l2: top-1 distance < baseline p05; cosine: top-1 similarity > baseline p95)."""
+        if self.baseline is None:
+            return []
+        out = []
+        for q, s in zip(self.query_ids, self.scores):
+            if not s:
+                continue
+            if (self.metric == "l2" and s[0] < self.baseline.p05) or (
+                    self.metric == "cosine" and s[0] > self.baseline.p95):
+                out.append(q)
+        return out
+
+    def to_csv(self, path: str | os.PathLike | None = None) -> str:
+        """One row per (query, rank): ``query_id,rank,reference_id,score`` (rank 1 = nearest)."""
+        rows = [["query_id", "rank", "reference_id", "score"]]
+        for q, refs, sc in zip(self.query_ids, self.reference_ids, self.scores):
+            rows += [[q, str(r + 1), ref, _fmt(s)] for r, (ref, s) in enumerate(zip(refs, sc))]
+        return _write_csv(rows, path)
+
+    def to_html(self, path: str | os.PathLike | None = None, queries=None, reference=None, *, max_rows: int = 200,
+                thumb: int = 96) -> str:
+        """Self-contained HTML: each query beside its nearest reference images (thumbnails inlined)."""
+        from .report.gallery import matches_html
+
+        q = _images_for_html(queries, getattr(self, "_queries", None), self.query_source, "queries")
+        r = _images_for_html(reference, getattr(self, "_reference", None), self.reference_source, "reference")
+        html = matches_html(self, q, r, max_rows=max_rows, thumb=thumb)
+        if path is not None:
+            atomic_write_text(path, html)
+        return html
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _fmt(x: float) -> str:
+    return repr(float(x)) if x is not None and math.isfinite(x) else ""
+
+
+_CSV_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(v: str) -> str:
+    return "'" + v if v and v.startswith(_CSV_FORMULA) and not _is_number(v) else v
+
+
+def _is_number(v: str) -> bool:
+    try:
+        float(v)
+        return True
+    except ValueError:
+        return False
+
+
+def _write_csv(rows: list[list[str]], path) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    for row in rows:
+        w.writerow([_csv_cell(str(c)) for c in row])
+    text = buf.getvalue()
+    if path is not None:
+        atomic_write_text(path, text)
+    return text
+
+
+def _as_imageset(x, what: str):
+    from .data import ImageSet
+
+    if isinstance(x, ImageSet):
+        return x
+    if isinstance(x, (str, os.PathLike)):
+        return ImageSet.from_folder(x)
+    if isinstance(x, np.ndarray) or (isinstance(x, (list, tuple)) and x and isinstance(x[0], np.ndarray)):
+        return ImageSet.from_arrays(x)
+    raise TypeError(f"{what}={type(x).__name__}: expected an ImageSet, a folder path or uint8 image arrays")
+
+
+def _images_for_html(given, kept, source: str, what: str):
+    if given is not None:
+        return _as_imageset(given, what)
+    if kept is not None:
+        return kept
+    if source.startswith("folder:"):
+        return _as_imageset(source[len("folder:"):], what)
+    raise ValueError(f"to_html needs the images: pass {what}=<the ImageSet> (the report came from {source or 'JSON'!r}"
+                     ", which cannot be reopened)")
+
+
+def _skipped(emb, where: str) -> list[SkippedItem]:
+    return [SkippedItem(str(i), str(r), where) for i, r in emb.skipped]
+
+
+def _tiles(embedder) -> int | None:
+    """Number of tiles when the embedder scores with Carlini's tiled L2 (max over tiles), else None."""
+    if getattr(embedder, "kind", None) == "tiled" or type(embedder).__name__ == "TiledEmbedder":
+        return int(getattr(embedder, "tiles", 16))
+    return None
+
+
+def _rescore_tiled(vectors: np.ndarray, qvec: np.ndarray, S: np.ndarray, I: np.ndarray, tiles: int, keep: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Replace plain-L2 candidate scores by Carlini's tiled L2 (max over tiles of the per-tile L2; the tiled
+    embedder's layout: ``tiles`` equal consecutive slices) and re-sort; keep the first ``keep`` columns."""
+    nq, c = I.shape
+    dim = vectors.shape[1]
+    valid = I >= 0
+    safe = np.where(valid, I, 0)
+    d = np.empty((nq, c), np.float32)
+    step = max(1, (1 << 22) // max(1, c * dim))  # bound the gathered block to ~16 MB of float32
+    for s in range(0, nq, step):
+        block = np.asarray(vectors[safe[s:s + step]], dtype=np.float32)  # (b, c, dim)
+        block -= np.asarray(qvec[s:s + step], dtype=np.float32)[:, None, :]
+        block *= block
+        d[s:s + step] = np.sqrt(block.reshape(len(block), c, tiles, dim // tiles).sum(axis=3).max(axis=2))
+    d[~valid] = np.inf
+    order = np.argsort(d, axis=1, kind="stable")[:, :keep]
+    return np.take_along_axis(d, order, axis=1), np.take_along_axis(I, order, axis=1)
+
+
+def duplicate_threshold(embedder, scores, *, dim: int | None = None) -> float:
+    """The default duplicate threshold (module docstring) for ``embedder`` given the set's neighbour scores.
+
+    ``scores``: (n,) nearest-other-image scores, or (n, k) scores of each image's k nearest other images, ascending
+    distances (l2) / descending similarities (cosine), as :func:`diffaudit.index.self_neighbors` returns them (tiled:
+    re-scored with tiled L2). More columns let the relative bound skip past near-duplicates to the nearest distinct
+    image. ``dim``: vector dimension (default: ``embedder.dim``). Used by ``find_duplicates`` and the audit.
+    """
+    from .embedders import get_embedder
+
+    emb = get_embedder(embedder)
+    S = np.asarray(scores, dtype=np.float64)
+    if S.ndim == 1:
+        S = S[:, None]
+    d = dim if dim is not None else getattr(emb, "dim", None)
+    return _duplicate_threshold(emb, emb.metric, int(d or 0), S, _tiles(emb))[0]
+
+
+def _duplicate_threshold(emb, metric: str, dim: int, S: np.ndarray, tiles: int | None) -> tuple[float, str]:
+    """Default threshold and its rule text (see module docstring) from the embedder and neighbour scores (n, k)."""
+    if metric == "cosine":
+        name = str(getattr(emb, "name", ""))
+        if getattr(emb, "duplicate_threshold", None) is not None:
+            t = float(emb.duplicate_threshold)
+            return t, f"cosine >= {t:g} (embedder's duplicate_threshold)"
+        if name.startswith("sscd") or type(emb).__name__ == "SSCDEmbedder":
+            return SSCD_DUPLICATE_THRESHOLD, (
+                f"cosine >= {SSCD_DUPLICATE_THRESHOLD:g} (SSCD, Pizzi et al. 2022: ~90% copy-detection precision)")
+        if getattr(emb, "default_threshold", None) is not None:
+            t = float(emb.default_threshold)
+            return t, f"cosine >= {t:g} (embedder's default threshold)"
+        raise ValueError(f"embedder {name!r} has no default duplicate threshold; pass threshold=<cosine similarity>")
+    if getattr(emb, "default_threshold", None) is not None:
+        t = float(emb.default_threshold)
+        return t, f"distance <= {t:g} (embedder's default threshold)"
+    rms = 10 ** (-DUPLICATE_PSNR_DB / 20)
+    kind = getattr(emb, "kind", None)
+    t_abs = None
+    if tiles is not None:
+        t_abs, unit = rms, "max-over-tiles RMS"
+    elif (kind == "pixel" or type(emb).__name__ == "PixelEmbedder") and dim > 0:
+        t_abs, unit = rms * math.sqrt(dim), "L2"
+    floor = t_abs if t_abs is not None else 0.0
+    finite = np.isfinite(S)
+    beyond = finite & (S > floor)
+    has = beyond.any(axis=1)
+    t_rel = None
+    if has.any():
+        first = S[has, np.argmax(beyond[has], axis=1)]
+        t_rel = RELATIVE_RATIO * float(np.median(first))
+    parts = []
+    if t_abs is not None:
+        parts.append(f"PSNR >= {DUPLICATE_PSNR_DB:g} dB ({unit} {t_abs:.4g})")
+    if t_rel is not None:
+        parts.append(f"1/3 x median distance to the nearest distinct image ({t_rel:.4g})")
+    cands = [t for t in (t_abs, t_rel) if t is not None]
+    if not cands:
+        return 0.0, "exact copies only (no distinct neighbours to calibrate on)"
+    t = min(cands)
+    return t, "distance <= min(" + ", ".join(parts) + f") = {t:.4g}"
+
+
+class _UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, a: int) -> int:
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+# ---------------------------------------------------------------------------------------------------- API
+def find_duplicates(images, embedder: Any = "pixel", threshold: float | None = None, *, k: int = 10,
+                    cache_dir=None, progress: bool = False, backend: str = "local") -> DuplicateReport:
+    """Duplicate pairs and clusters in an image set.
+
+    Args:
+        images: an ImageSet (or a folder path, or uint8 image arrays).
+        embedder: an Embedder or spec (``"pixel"``, ``"tiled"``, ``"sscd"``, ``"clip:<arch>"``, ...).
+        threshold: in score units (L2 distance: pairs with distance <= threshold; cosine: similarity >= threshold).
+            None: the default of the module docstring (SSCD 0.75; pixel: PSNR >= 30 dB capped by 1/3 of the typical
+            distance between distinct neighbours).
+        k: neighbours examined per image. An image whose ``k`` neighbours are all duplicates is searched again with
+            a larger ``k``, so clusters larger than ``k`` are listed completely.
+        cache_dir: embedding cache root (default ``$DIFFAUDIT_CACHE`` or ``~/.cache/diffaudit``).
+        progress: show a progress bar while embedding.
+        backend: ``"local"``, or another embedding backend that :func:`diffaudit.embedders.embed` accepts.
+    """
+    from .embedders import get_embedder
+    from .index import EmbeddingIndex, self_neighbors
+
+    embed = _embed_fn(backend)
+    if int(k) != k or k < 1:
+        raise ValueError(f"k must be a positive integer; got {k!r}")
+    if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
+        raise ValueError(f"threshold must be a finite number or None; got {threshold!r}")
+    images = _as_imageset(images, "images")
+    emb = get_embedder(embedder)
+    E = embed(images, emb, cache_dir=cache_dir, progress=progress)
+    n = len(E)
+    metric = E.metric
+    skipped = _skipped(E, "images")
+    if n < 2:
+        return _attach(DuplicateReport([], [], None if threshold is None else float(threshold), E.embedder, metric,
+                                       n, skipped, "fewer than two images", int(k), images.source), _images=images)
+    index = EmbeddingIndex.from_embeddings(E, kind="auto")
+    tiles = _tiles(emb)
+    vectors = E.vectors
+
+    def neighbours(kk: int, rows=None):
+        if tiles is None:
+            return self_neighbors(index, kk, rows=rows)
+        c = min(n - 1, max(kk * 4, kk + 8))  # plain-L2 candidates, re-scored by tiled L2
+        S, I = self_neighbors(index, c, rows=rows)
+        q = vectors if rows is None else vectors[np.asarray(rows)]
+        return _rescore_tiled(vectors, q, S, I, tiles, kk)
+
+    kk = min(int(k), n - 1)
+    S, I = neighbours(kk)
+    if threshold is None:
+        t, rule = _duplicate_threshold(emb, metric, E.dim, S, tiles)
+    else:
+        t = float(threshold)
+        rule = f"{'distance <=' if metric == 'l2' else 'cosine >='} {t:g} (given)"
+
+    def passes(x):
+        return (x <= t) if metric == "l2" else (x >= t)
+
+    pair_scores: dict[tuple[int, int], float] = {}
+
+    def collect(rows: np.ndarray, S: np.ndarray, I: np.ndarray) -> None:
+        ok = passes(S) & (I >= 0)
+        for r, c in zip(*np.nonzero(ok)):
+            a, b = int(rows[r]), int(I[r, c])
+            key = (a, b) if a < b else (b, a)
+            pair_scores.setdefault(key, float(S[r, c]))
+
+    rows = np.arange(n)
+    collect(rows, S, I)
+    # images whose k neighbours are all duplicates: search them again with a larger k (complete big clusters)
+    sat = rows[passes(S[:, -1]) & (I[:, -1] >= 0)]
+    while len(sat) and kk < n - 1:
+        kk = min(n - 1, kk * 4)
+        S2, I2 = neighbours(kk, rows=sat)
+        collect(sat, S2, I2)
+        sat = sat[passes(S2[:, -1]) & (I2[:, -1] >= 0)]
+
+    uf = _UnionFind(n)
+    for a, b in pair_scores:
+        uf.union(a, b)
+    groups: dict[int, list[int]] = {}
+    for x in sorted({x for ab in pair_scores for x in ab}):
+        groups.setdefault(uf.find(x), []).append(x)
+    clusters = sorted(groups.values(), key=lambda g: (-len(g), g[0]))
+    ids = E.ids
+    sign = 1.0 if metric == "l2" else -1.0
+    pairs = [DuplicatePair(ids[a], ids[b], s) for (a, b), s in
+             sorted(pair_scores.items(), key=lambda kv: (sign * kv[1], kv[0]))]
+    report = DuplicateReport(pairs, [[ids[i] for i in g] for g in clusters], t, E.embedder, metric, n, skipped,
+                             rule, int(k), images.source)
+    log.info("find_duplicates: %d images, %d pairs, %d clusters (%s)", n, len(pairs), len(clusters), rule)
+    return _attach(report, _images=images)
+
+
+def _embed_fn(backend: str):
+    """``embed`` bound to an embedding backend; "local" is the in-process default."""
+    import functools
+    import inspect
+
+    from .embedders import embed
+
+    if backend == "local":
+        return embed
+    if "backend" not in inspect.signature(embed).parameters:
+        raise ValueError(f"backend={backend!r}: this installation embeds locally only; use backend='local'")
+    return functools.partial(embed, backend=backend)
+
+
+def _attach(obj, **refs):
+    """Keep the ImageSets on the result for to_html (plain attributes: not dataclass fields, not serialised)."""
+    for k, v in refs.items():
+        object.__setattr__(obj, k, v)
+    return obj
+
+
+def match(queries, reference, embedder: Any = "pixel", k: int = 5, *, cache_dir=None, progress: bool = False,
+          baseline: bool = True, backend: str = "local") -> Matches:
+    """Each query's ``k`` nearest reference images, plus the reference set's nearest-neighbour baseline.
+
+    The embedder is prepared on ``reference`` first (the pixel embedder takes the reference's native size), then
+    queries are embedded in the same space. Scores: L2 distance (ascending) or cosine similarity (descending); the
+    tiled embedder reports Carlini et al.'s tiled L2. ``baseline``: summary (mean, p05, p50, p95) of each reference
+    image's score to its nearest other reference image.
+    """
+    from .embedders import get_embedder
+    from .index import EmbeddingIndex, self_neighbors
+
+    embed = _embed_fn(backend)
+    if int(k) != k or k < 1:
+        raise ValueError(f"k must be a positive integer; got {k!r}")
+    k = int(k)
+    reference = _as_imageset(reference, "reference")
+    queries = _as_imageset(queries, "queries")
+    emb = get_embedder(embedder)
+    R = embed(reference, emb, cache_dir=cache_dir, progress=progress)
+    Q = embed(queries, emb, cache_dir=cache_dir, progress=progress)
+    if R.dim != Q.dim and len(R) and len(Q):
+        raise ValueError(f"queries embed to dimension {Q.dim}, reference to {R.dim}; use one embedder instance")
+    skipped = _skipped(Q, "queries") + _skipped(R, "reference")
+    if len(R) == 0:
+        raise ValueError(f"reference {reference.source!r} has no decodable images")
+    index = EmbeddingIndex.from_embeddings(R, kind="auto")
+    tiles = _tiles(emb)
+    n = len(R)
+    if tiles is None:
+        S, I = index.search(Q.vectors, k, refine=True)
+    else:
+        S, I = index.search(Q.vectors, min(n, max(4 * k, k + 8)), refine=True)
+        S, I = _rescore_tiled(R.vectors, Q.vectors, S, I, tiles, k)
+    ref_ids, scores = [], []
+    for srow, irow in zip(S, I):
+        keep = irow >= 0
+        ref_ids.append([R.ids[j] for j in irow[keep]])
+        scores.append([float(x) for x in srow[keep]])
+    base = None
+    if baseline and n >= 2:
+        if tiles is None:
+            bs, _ = self_neighbors(index, 1)
+        else:
+            c = min(n - 1, 16)
+            bS, bI = self_neighbors(index, c)
+            bs, _ = _rescore_tiled(R.vectors, R.vectors, bS, bI, tiles, 1)
+        base = ScoreSummary.of(bs[:, 0])
+    m = Matches(list(Q.ids), ref_ids, scores, R.embedder, R.metric, k, base, n, skipped, queries.source,
+                reference.source)
+    return _attach(m, _queries=queries, _reference=reference)

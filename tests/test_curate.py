@@ -1,0 +1,313 @@
+"""find_duplicates / match on real images (scikit-learn digits written as files) with planted copies.
+
+References are independent of the code under test: planted ground truth (which file copies which), brute-force
+numpy distances over all pairs, and the documented threshold rule re-computed here from the brute-force matrix.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import digits_rgb
+from diffaudit.curate import (
+    DUPLICATE_PSNR_DB,
+    DuplicateReport,
+    Matches,
+    duplicate_threshold,
+    find_duplicates,
+    match,
+)
+from diffaudit.data import ImageSet
+from diffaudit.embedders import embed, get_embedder
+from diffaudit.embedders.base import Embedder
+
+N_DIGITS = 400
+XSS = "<script>alert(1)</script>"
+
+
+def _save(arr: np.ndarray, path: Path, **kw) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, **kw)
+
+
+def _jpeg(arr: np.ndarray, q: int) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=q)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """Folder: 400 distinct digits (32 px PNG) + planted copies. Returns (root, truth) with truth[copy_id] = source_id."""
+    root = tmp_path_factory.mktemp("planted")
+    x = digits_rgb(N_DIGITS, 32)
+    from sklearn.datasets import load_digits
+
+    raw = load_digits().images[:N_DIGITS].reshape(N_DIGITS, -1)
+    d_raw = np.sqrt(((raw[:, None] - raw[None]) ** 2).sum(-1))
+    np.fill_diagonal(d_raw, np.inf)
+    assert d_raw.min() > 0, "sklearn digits subset contains exact duplicates: choose another subset"
+    for i in range(N_DIGITS):
+        _save(x[i], root / "digits" / f"d{i:04d}.png")
+    truth: dict[str, tuple[str, str]] = {}  # copy id -> (source id, kind)
+
+    def src(i):
+        return f"digits/d{i:04d}.png"
+
+    for i in range(0, 10):  # exact copies
+        _save(x[i], root / "copies" / f"exact_{i:04d}.png")
+        truth[f"copies/exact_{i:04d}.png"] = (src(i), "exact")
+    for i in range(10, 20):  # resized 32 -> 48 px (bilinear)
+        _save(np.asarray(Image.fromarray(x[i]).resize((48, 48), Image.BILINEAR)), root / "copies" / f"resized_{i:04d}.png")
+        truth[f"copies/resized_{i:04d}.png"] = (src(i), "resized")
+    for i in range(20, 30):  # JPEG re-encoded, quality 90
+        _save(x[i], root / "copies" / f"jpeg_{i:04d}.jpg", quality=90)
+        truth[f"copies/jpeg_{i:04d}.jpg"] = (src(i), "jpeg")
+    for i in range(30, 33):  # shifted by 3 px, and a crop re-sized to 32
+        _save(np.roll(x[i], 3, axis=1), root / "copies" / f"shift_{i:04d}.png")
+        truth[f"copies/shift_{i:04d}.png"] = (src(i), "shift")
+    _save(np.asarray(Image.fromarray(x[33][3:29, 3:29]).resize((32, 32), Image.BILINEAR)), root / "copies" / "crop_0033.png")
+    truth["copies/crop_0033.png"] = (src(33), "crop")
+    # a bigger cluster: digit 40 with two exact copies and a resized one
+    _save(x[40], root / "copies" / "multi_a.png")
+    _save(x[40], root / "copies" / "multi_b.png")
+    _save(np.asarray(Image.fromarray(x[40]).resize((48, 48), Image.BILINEAR)), root / "copies" / "multi_c.png")
+    truth.update({f"copies/multi_{s}.png": (src(40), "exact" if s != "c" else "resized") for s in "abc"})
+    # a hostile file name: folder "<script>alert(1)<" + file "script>.png" -> id "<script>alert(1)</script>.png"
+    _save(x[50], root / "<script>alert(1)<" / "script>.png")
+    truth[XSS + ".png"] = (src(50), "exact")
+    return root, truth
+
+
+@pytest.fixture(scope="module")
+def pixel_run(planted, tmp_path_factory):
+    root, truth = planted
+    cache = tmp_path_factory.mktemp("cache")
+    images = ImageSet.from_folder(root)
+    report = find_duplicates(images, "pixel", cache_dir=cache)
+    emb = get_embedder("pixel")
+    E = embed(images, emb, cache_dir=cache)  # same vectors, for the brute-force reference
+    v = E.vectors.astype(np.float64)
+    sq = (v * v).sum(1)
+    d = np.sqrt(np.maximum(sq[:, None] + sq[None] - 2 * v @ v.T, 0))
+    np.fill_diagonal(d, np.inf)
+    return images, report, E, d, cache
+
+
+def test_pixel_finds_exact_and_resized_copies_and_no_distinct_pairs(planted, pixel_run):
+    root, truth = planted
+    images, report, E, d, _ = pixel_run
+    assert report.num_images == len(images) == N_DIGITS + len(truth)
+    assert report.metric == "l2" and report.embedder == "pixel-64x64"  # mixed sizes -> 64x64
+    pairs = {frozenset((p.id_a, p.id_b)) for p in report.pairs}
+    for copy, (source, kind) in truth.items():
+        if kind in ("exact", "resized", "jpeg"):
+            assert frozenset((copy, source)) in pairs, (copy, kind)
+    # no pair, and no cluster, joins two distinct digits
+    originals = {f"digits/d{i:04d}.png" for i in range(N_DIGITS)}
+    for p in report.pairs:
+        assert not (p.id_a in originals and p.id_b in originals), p
+    for c in report.clusters:
+        assert len(originals.intersection(c)) == 1, c
+    # the multi-copy digit forms one cluster of 4
+    multi = next(c for c in report.clusters if "digits/d0040.png" in c)
+    assert sorted(multi) == sorted(["copies/multi_a.png", "copies/multi_b.png", "copies/multi_c.png",
+                                    "digits/d0040.png"])
+    # exact copies score exactly 0
+    for p in report.pairs:
+        if frozenset((p.id_a, p.id_b)) == frozenset(("copies/exact_0000.png", "digits/d0000.png")):
+            assert p.score == 0.0
+
+
+def test_pixel_threshold_follows_documented_rule_and_pairs_equal_brute_force(pixel_run):
+    images, report, E, d, _ = pixel_run
+    n = len(E.ids)
+    # rule, recomputed from the brute-force matrix: min(PSNR 30 dB in L2 units, 1/3 median nearest-distinct distance)
+    t_abs = 10 ** (-DUPLICATE_PSNR_DB / 20) * math.sqrt(E.dim)
+    srt = np.sort(d, axis=1)[:, : report.k]
+    firsts = [row[row > t_abs][0] for row in srt if (row > t_abs).any()]
+    t_expected = min(t_abs, np.median(firsts) / 3)
+    assert report.threshold == pytest.approx(t_expected, rel=1e-4)
+    assert "PSNR" in report.threshold_rule
+    # every pair within the threshold (brute force over all pairs) is reported, and nothing else
+    ii, jj = np.nonzero(np.triu(d <= report.threshold, 1))
+    expected = {frozenset((E.ids[i], E.ids[j])) for i, j in zip(ii, jj)}
+    assert {frozenset((p.id_a, p.id_b)) for p in report.pairs} == expected
+    for p in report.pairs:
+        assert p.score == pytest.approx(d[E.ids.index(p.id_a), E.ids.index(p.id_b)], abs=1e-3)
+    # margin: the closest distinct digits are well outside
+    orig = [i for i, s in enumerate(E.ids) if s.startswith("digits/")]
+    sub = d[np.ix_(orig, orig)]
+    assert sub.min() > 1.1 * report.threshold
+    assert n == len(images)
+
+
+def test_json_csv_round_trip(pixel_run, tmp_path):
+    _, report, *_ = pixel_run
+    path = tmp_path / "dups.json"
+    report.to_json(path)
+    back = DuplicateReport.from_json(path)
+    assert back == report
+    text = report.to_csv(tmp_path / "dups.csv")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) == len(report.pairs)
+    assert rows[0]["id_a"] == report.pairs[0].id_a and float(rows[0]["score"]) == report.pairs[0].score
+    assert (tmp_path / "dups.csv").read_text() == text
+
+
+def _check_self_contained(html: str) -> None:
+    assert '<meta http-equiv="Content-Security-Policy"' in html
+    assert "default-src &#x27;none&#x27;" in html or "default-src 'none'" in html
+    for m in re.finditer(r'(?:src|href)="([^"]*)"', html):
+        assert m.group(1).startswith("data:image/png;base64,"), m.group(1)[:60]
+    assert "<script" not in html.lower()  # no scripts at all, and user strings escaped
+    assert "@import" not in html and "url(http" not in html
+
+
+def test_duplicates_html_escapes_and_inlines(pixel_run, tmp_path):
+    images, report, *_ = pixel_run
+    html = report.to_html(tmp_path / "dups.html")
+    assert (tmp_path / "dups.html").read_text(encoding="utf-8") == html
+    _check_self_contained(html)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;.png" in html
+    shown = sum(min(len(c), 24) for c in report.clusters)
+    assert html.count("<img ") == shown
+    # from JSON: images must be given again (or the folder in source is reopened)
+    back = DuplicateReport.from_json(report.to_json())
+    assert back.to_html(images=images).count("<img ") == shown
+
+
+def test_match_finds_sources_and_baseline_is_brute_force(planted, tmp_path):
+    root, truth = planted
+    everything = ImageSet.from_folder(root)
+    ref = ImageSet.from_folder(root / "digits")
+    queries = everything.subset([i for i in everything.ids if not i.startswith("digits/")])
+    m = match(queries, ref, "pixel:64", k=3, cache_dir=tmp_path / "cache")
+    assert m.num_reference == N_DIGITS and m.k == 3 and m.metric == "l2"
+    assert len(m.query_ids) == len(queries)
+    for q, refs, scores in zip(m.query_ids, m.reference_ids, m.scores):
+        source, kind = truth[q]
+        assert len(refs) == 3 and scores == sorted(scores)
+        if kind in ("exact", "resized", "jpeg"):
+            assert refs[0] == source[len("digits/"):], (q, refs)  # reference ids are relative to digits/
+        if kind == "exact":
+            assert scores[0] == 0.0
+    # baseline: each reference image to its nearest other reference image (brute force)
+    v = embed(ref, get_embedder("pixel:64"), cache=False).vectors.astype(np.float64)
+    sq = (v * v).sum(1)
+    d = np.sqrt(np.maximum(sq[:, None] + sq[None] - 2 * v @ v.T, 0))
+    np.fill_diagonal(d, np.inf)
+    nn = d.min(1)
+    b = m.baseline
+    assert b.n == N_DIGITS
+    assert b.mean == pytest.approx(nn.mean(), rel=1e-3)
+    for got, q in ((b.p05, 5), (b.p50, 50), (b.p95, 95)):
+        assert got == pytest.approx(np.percentile(nn, q), rel=1e-3)
+    # copies are closer than 95% of reference images are to each other
+    flagged = set(m.closer_than_baseline())
+    assert {q for q, (_, kind) in truth.items() if kind in ("exact", "jpeg", "resized")} <= flagged
+    # serialisation
+    assert Matches.from_json(m.to_json()) == m
+    rows = list(csv.DictReader(io.StringIO(m.to_csv())))
+    assert len(rows) == 3 * len(queries) and rows[0]["rank"] == "1"
+    html = m.to_html(tmp_path / "m.html")
+    _check_self_contained(html)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;.png" in html
+    assert html.count("<img ") == len(queries) * 4
+
+
+def test_tiled_pairs_equal_brute_force_tiled_l2(planted, tmp_path):
+    from diffaudit.embedders.tiled import tiled_l2
+
+    root, truth = planted
+    images = ImageSet.from_folder(root)
+    report = find_duplicates(images, "tiled", cache_dir=tmp_path / "c")
+    E = embed(images, get_embedder("tiled"), cache_dir=tmp_path / "c")
+    d = tiled_l2(E.vectors, E.vectors, 16).astype(np.float64)
+    np.fill_diagonal(d, np.inf)
+    ii, jj = np.nonzero(np.triu(d <= report.threshold, 1))
+    expected = {frozenset((E.ids[i], E.ids[j])) for i, j in zip(ii, jj)}
+    assert {frozenset((p.id_a, p.id_b)) for p in report.pairs} == expected
+    pairs = {frozenset((p.id_a, p.id_b)) for p in report.pairs}
+    for copy, (source, kind) in truth.items():
+        if kind == "exact":
+            assert frozenset((copy, source)) in pairs
+    originals = {s for s in E.ids if s.startswith("digits/")}
+    assert not any(p.id_a in originals and p.id_b in originals for p in report.pairs)
+
+
+def test_big_cluster_listed_completely_with_small_k(tmp_path):
+    x = digits_rgb(30, 16)
+    arr = np.concatenate([x, np.repeat(x[:1], 6, axis=0)])  # digit 0 + 6 exact copies = cluster of 7
+    names = [f"img{i:02d}" for i in range(len(arr))]
+    names[-1] = "=HYPERLINK(evil)"
+    for a, name in zip(arr, names):
+        _save(a, tmp_path / "imgs" / f"{name}.png")
+    report = find_duplicates(ImageSet.from_folder(tmp_path / "imgs"), "pixel", k=2, cache_dir=tmp_path / "c")
+    big = [c for c in report.clusters if len(c) == 7]
+    assert len(big) == 1 and "img00.png" in big[0]
+    assert len([p for p in report.pairs if p.score == 0.0]) == 7 * 6 // 2
+    text = report.to_csv()
+    assert "'=HYPERLINK(evil)" in text and "\n=HYPERLINK" not in text and ",=HYPERLINK" not in text
+
+
+class _ToyCosine(Embedder):
+    """Mean colour + a constant, L2-normalised: a cosine embedder without a literature threshold."""
+
+    name = "toy-cosine"
+    metric = "cosine"
+    default_threshold = None
+
+    def embed_batch(self, images):
+        v = np.stack([np.r_[np.asarray(a, np.float32).mean((0, 1)) / 255.0, 0.05] for a in images])
+        return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_cosine_thresholds(tmp_path):
+    x = digits_rgb(20, 16, seed=1)
+    near = x[:2].copy()
+    near[:, 0, 0, 0] ^= 1  # near-copies (one pixel differs by 1)
+    images = ImageSet.from_arrays(np.concatenate([x, near]), ids=[XSS + str(i) for i in range(22)])
+    with pytest.raises(ValueError, match="threshold="):
+        find_duplicates(images, _ToyCosine(), cache_dir=tmp_path)
+    report = find_duplicates(images, _ToyCosine(), threshold=0.999999, cache_dir=tmp_path)
+    assert report.metric == "cosine"
+    pairs = {frozenset((p.id_a, p.id_b)) for p in report.pairs}
+    assert frozenset((XSS + "0", XSS + "20")) in pairs and frozenset((XSS + "1", XSS + "21")) in pairs
+    assert all(p.score >= 0.999999 for p in report.pairs)
+    html = report.to_html()
+    _check_self_contained(html)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;0" in html
+
+    class FakeSSCD(_ToyCosine):
+        name = "sscd-torchscript-deadbeef-288"
+        default_threshold = 0.5
+
+    assert duplicate_threshold(FakeSSCD(), np.array([0.9, 0.8])) == 0.75  # Pizzi et al.: 0.75 ~ 90% precision
+    assert find_duplicates(images, FakeSSCD(), cache_dir=tmp_path).threshold == 0.75
+
+
+def test_errors(tmp_path):
+    images = ImageSet.from_arrays(digits_rgb(5, 16))
+    with pytest.raises(ValueError, match="k must"):
+        find_duplicates(images, k=0, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="threshold"):
+        find_duplicates(images, threshold=float("nan"), cache_dir=tmp_path)
+    with pytest.raises(TypeError, match="images="):
+        find_duplicates(42)
+    with pytest.raises(ValueError, match="backend='ray'|backend="):
+        find_duplicates(images, backend="ray", cache_dir=tmp_path)
+    one = find_duplicates(ImageSet.from_arrays(digits_rgb(1, 16)), cache_dir=tmp_path)
+    assert one.pairs == [] and one.clusters == [] and one.num_images == 1
+    r = find_duplicates(images, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="images="):
+        DuplicateReport.from_json(r.to_json()).to_html()
+    json.loads(r.to_json())
