@@ -33,8 +33,7 @@ _EXPORTS = {
     "match": "diffaudit.curate",
     "DuplicateReport": "diffaudit.curate",
     "Matches": "diffaudit.curate",
-    "membership_scores": "diffaudit.curate",
-    "risk_table": "diffaudit.curate",
+    "membership_scores": "diffaudit.membership",
     "discover_checkpoints": "diffaudit.checkpoints",
     "CheckpointSampler": "diffaudit.sampling",
     "audit": "diffaudit.audit",
@@ -70,7 +69,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .audit import AuditConfig, audit
     from .cache import EmbeddingCache
     from .checkpoints import discover_checkpoints
-    from .curate import DuplicateReport, Matches, find_duplicates, match, membership_scores, risk_table
+    from .curate import DuplicateReport, Matches, find_duplicates, match
+    from .membership import membership_scores
     from .data import ImageSet, Skipped
     from .embedders import Embedder, Embeddings, embed, get_embedder, register_embedder
     from .index import EmbeddingIndex

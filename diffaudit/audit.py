@@ -539,7 +539,8 @@ def audit(
     """Audit every checkpoint of a run for memorization of ``train``.
 
     ``checkpoints``: a run folder (``checkpoint-N/unet[_ema]/``), a pipeline folder, a list of folders / files, or an
-    already discovered :class:`diffaudit.checkpoints.CheckpointRun`. ``train`` / ``heldout``: :class:`ImageSet` or
+    already discovered :class:`diffaudit.checkpoints.CheckpointRun`, or in-memory models ``[(step, model), ...]`` with
+    ``scheduler=`` the training noise scheduler (see :func:`memory_run`). ``train`` / ``heldout``: :class:`ImageSet` or
     folders. ``embedders``: specs or :class:`Embedder` objects (default ``["pixel"]``). Other
     :class:`AuditConfig` fields may be passed as keyword arguments. With ``out_dir`` the generated samples are kept
     there (``samples/step-N/``) and reused by a rerun (resume); the report is written by the CLI or ``to_html``.
@@ -550,6 +551,12 @@ def audit(
     from .sampling import CheckpointSampler
 
     cfg = config or AuditConfig()
+    # a scheduler object (not a name/path) cannot live in the YAML-able config: keep it aside
+    sched_obj = None
+    if kwargs.get("scheduler") is not None and not isinstance(kwargs["scheduler"], (str, os.PathLike)):
+        sched_obj = kwargs.pop("scheduler")
+    if _is_model_list(checkpoints):
+        checkpoints = memory_run(checkpoints, scheduler=sched_obj or kwargs.get("scheduler") or cfg.scheduler)
     over = {"train": train, "heldout": heldout, "num_samples": num_samples, "seed": seed}
     over = {k: v for k, v in over.items() if v is not None and isinstance(v, (str, int, os.PathLike))}
     if checkpoints is not None and not isinstance(checkpoints, CheckpointRun):
@@ -571,7 +578,7 @@ def audit(
         if not cfg.run:
             raise ValueError("audit: checkpoints= is required (a run folder, pipeline folder or list of checkpoints)")
         run_arg = cfg.run[0] if len(cfg.run) == 1 else cfg.run
-        run = discover_checkpoints(run_arg, ema=cfg.ema, scheduler=cfg.scheduler, base_pipeline=cfg.base_pipeline,
+        run = discover_checkpoints(run_arg, ema=cfg.ema, scheduler=sched_obj or cfg.scheduler, base_pipeline=cfg.base_pipeline,
                                    unet_config=cfg.unet_config)
     if not run.checkpoints:
         raise ValueError(f"checkpoints={cfg.run!r}: no checkpoints found")
@@ -580,10 +587,9 @@ def audit(
                        outlier_k=cfg.outlier_k, outlier_quantile=cfg.outlier_quantile, progress=progress)
     prompts = None
     if cfg.prompts:
-        p = Path(cfg.prompts)
-        if not p.is_file():
-            raise FileNotFoundError(f"prompts={cfg.prompts!r}: no such file")
-        prompts = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        from .sampling import read_prompts
+
+        prompts = read_prompts(cfg.prompts)
         if not prompts:
             raise ValueError(f"prompts={cfg.prompts!r}: the file holds no prompt")
     sampler = CheckpointSampler(
@@ -609,7 +615,10 @@ def audit(
 
             keep = out_path is not None and cfg.keep_samples
             if keep:
-                batch = sampler.sample_or_load(load_model, out_path / "samples", ckpt.step)
+                from .checkpoints import checkpoint_hash
+
+                batch = sampler.sample_or_load(load_model, out_path / "samples", ckpt.step,
+                                               checkpoint_id=checkpoint_hash(ckpt))
             else:
                 batch = sampler.sample(load_model())
             finite = np.asarray(batch.finite_mask, bool)
@@ -679,6 +688,59 @@ def audit(
     return result
 
 
+def _is_model_list(checkpoints) -> bool:
+    """True for in-memory checkpoints: a non-empty list of ``(step, model)`` pairs or a ``{step: model}`` dict."""
+    if isinstance(checkpoints, dict):
+        return bool(checkpoints) and all(isinstance(k, (int, np.integer)) for k in checkpoints)
+    if not isinstance(checkpoints, (list, tuple)) or not checkpoints:
+        return False
+    return all(isinstance(c, tuple) and len(c) == 2 and isinstance(c[0], (int, np.integer))
+               and not isinstance(c[1], (str, os.PathLike)) for c in checkpoints)
+
+
+def memory_run(checkpoints, scheduler=None):
+    """A :class:`~diffaudit.checkpoints.CheckpointRun` over models already in memory (tests, the training monitor).
+
+    ``checkpoints``: ``[(step, model), ...]`` or ``{step: model}``; a model is anything
+    :meth:`CheckpointSampler.sample` takes (a ``UNet2DModel``-like module, an unconditional pipeline) or a
+    zero-argument callable returning one (loaded only when its samples are not on disk). ``scheduler``: the training
+    noise scheduler (a diffusers scheduler, a path or a name such as ``"ddpm"``); default: the first model's
+    ``.scheduler`` (pipelines). ``audit(checkpoints=[(step, model), ...], scheduler=...)`` calls this.
+    """
+    from .checkpoints import Checkpoint, CheckpointError, CheckpointRun, load_scheduler_with_source
+
+    items = sorted((checkpoints.items() if isinstance(checkpoints, dict) else checkpoints), key=lambda p: int(p[0]))
+    steps = [int(s) for s, _ in items]
+    if len(set(steps)) != len(steps):
+        raise ValueError(f"checkpoints: steps must be unique; got {steps}")
+    if scheduler is None:
+        scheduler = next((getattr(m, "scheduler", None) for _, m in items if getattr(m, "scheduler", None) is not None), None)
+    if scheduler is None:
+        raise CheckpointError("checkpoints=[(step, model), ...]: in-memory models need scheduler= (the training noise "
+                              "scheduler: a diffusers scheduler object, a scheduler folder, or a name such as 'ddpm')")
+    sched, src = load_scheduler_with_source(scheduler)
+    models = {int(s): m for s, m in items}
+
+    class _MemoryRun(CheckpointRun):
+        def load(self, checkpoint, device=None, dtype=None):
+            m = models[checkpoint.step]
+            if not hasattr(m, "parameters") and not hasattr(m, "unet") and callable(m):
+                try:
+                    import inspect
+
+                    if not inspect.signature(m).parameters:
+                        m = m()
+                except (TypeError, ValueError):
+                    pass
+            return m
+
+        def checkpoint_files(self) -> dict[str, str]:
+            return {}
+
+    cks = [Checkpoint(step=s, path=f"memory:step-{s}", kind="memory", unet_path="", name=f"step-{s}") for s in steps]
+    return _MemoryRun(root="memory", checkpoints=cks, scheduler=sched, scheduler_source=src)
+
+
 def _risk_table(ref: ReferenceSet, copies: dict[str, dict[int, int]], membership: dict[str, float]) -> list[ImageRisk]:
     from .metrics import outlier_labels
 
@@ -708,15 +770,13 @@ def write_outputs(result: AuditResult, out_dir: str | os.PathLike, ref: Optional
         train = ref.train
 
         def provider(kind: str, key: str):
+            # training thumbnails from the ImageSet; samples (kind "sample") are read by the report itself,
+            # which confines them to the output folder and applies the pixel limit
+            if kind != "train":
+                return None
             try:
-                if kind == "train":
-                    return train.load(key)
-                if kind == "sample":
-                    from PIL import Image
-
-                    return np.asarray(Image.open(out / key).convert("RGB"))
+                return train.load(key)
             except Exception:  # a missing thumbnail must not break the report
                 return None
-            return None
 
     result.to_html(str(out / "report.html"), images=provider)

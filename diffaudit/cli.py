@@ -151,7 +151,9 @@ def audit_cmd(
     sampler: Optional[str] = typer.Option(None, help="ddim | ddpm | run"),
     scheduler: Optional[str] = typer.Option(None, help="Scheduler folder or name when the run has none."),
     ema: Optional[str] = typer.Option(None, help="prefer | only | never (use unet_ema/ weights)."),
-    prompts: Optional[Path] = typer.Option(None, help="Text file, one prompt per line (text-to-image)."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompts file: .txt (one per line), .jsonl, .json or .csv."),
+    base_pipeline: Optional[Path] = typer.Option(None, "--base-pipeline", help="Local base pipeline folder (text-to-image fine-tunes)."),
+    unet_config: Optional[Path] = typer.Option(None, "--unet-config", help="UNet config.json for bare .safetensors checkpoints."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML preset (configs/*.yaml); flags override it."),
     out_dir: Path = typer.Option(Path("diffaudit-audit"), "--out", "-o"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache"),
@@ -172,6 +174,8 @@ def audit_cmd(
         "scheduler": scheduler,
         "ema": ema,
         "prompts": str(prompts) if prompts else None,
+        "base_pipeline": str(base_pipeline) if base_pipeline else None,
+        "unet_config": str(unet_config) if unet_config else None,
         "cache_dir": str(cache_dir) if cache_dir else None,
     }
     if weights:

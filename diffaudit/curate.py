@@ -503,7 +503,9 @@ def match(queries, reference, embedder: Any = "pixel", k: int = 5, *, cache_dir=
     index = EmbeddingIndex.from_embeddings(R, kind="auto")
     tiles = _tiles(emb)
     n = len(R)
-    if tiles is None:
+    if len(Q) == 0:  # no decodable query
+        S, I = np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    elif tiles is None:
         S, I = index.search(Q.vectors, k, refine=True)
     else:
         S, I = index.search(Q.vectors, min(n, max(4 * k, k + 8)), refine=True)

@@ -236,7 +236,8 @@ class EmbeddingIndex:
 
     def add(self, vectors, ids: Sequence[str] | None = None) -> None:
         """Append vectors (n, dim); ``ids`` default to the row numbers as strings."""
-        arr = _as_matrix(vectors, self.dim, "vectors")
+        src = np.asarray(vectors)
+        arr = _as_matrix(src, self.dim, "vectors")
         _check_finite(arr, "vectors", offset=self._ntotal)
         n = arr.shape[0]
         if ids is None:
@@ -249,16 +250,16 @@ class EmbeddingIndex:
             return
         if self.metric == "cosine":
             arr = _normalize(arr)
-        self._add_prepared(arr)
+        # keep our own copy of the caller's data, but do not copy twice when conversion already made a new array
+        self._add_prepared(arr, copy=np.may_share_memory(arr, src))
         self.ids.extend(new_ids)
 
-    def _add_prepared(self, arr: np.ndarray) -> None:
+    def _add_prepared(self, arr: np.ndarray, copy: bool = True) -> None:
         """Add rows already in stored form (normalised for cosine)."""
-        if self._index is None:
-            self._chunks.append(np.array(arr, dtype=self.store_dtype, copy=True))
-        else:
-            if self._keeps_store():
-                self._chunks.append(np.array(arr, dtype=self.store_dtype, copy=True))
+        if self._index is None or self._keeps_store():
+            self._chunks.append(np.array(arr, dtype=self.store_dtype) if copy else
+                                np.asarray(arr, dtype=self.store_dtype))
+        if self._index is not None:
             self._index.add(np.ascontiguousarray(arr, dtype=np.float32))
         self._ntotal += arr.shape[0]
 

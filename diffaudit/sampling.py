@@ -533,16 +533,25 @@ class CheckpointSampler:
         )
 
     # ------------------------------------------------------------------------------------------------------------
-    def sample_or_load(self, model_or_loader: Any, folder: Union[str, os.PathLike], step: int) -> SampleBatch:
-        """Reuse samples saved for ``step`` under ``folder`` when complete and made with the same settings, else
-        sample and save them. ``model_or_loader`` may be a zero-argument callable returning the model, so the
-        checkpoint is only loaded when needed."""
-        got = load_saved_samples(folder, step, fingerprint=self.fingerprint(), num_samples=self.num_samples)
+    def sample_or_load(
+        self, model_or_loader: Any, folder: Union[str, os.PathLike], step: int, *, checkpoint_id: Optional[str] = None
+    ) -> SampleBatch:
+        """Reuse samples saved for ``step`` under ``folder`` when complete and made with the same settings (and the
+        same ``checkpoint_id``, e.g. ``diffaudit.checkpoints.checkpoint_hash(ckpt)``, when given), else sample and
+        save them. ``model_or_loader`` may be a zero-argument callable returning the model, so the checkpoint is only
+        loaded when needed."""
+        fp = self.fingerprint()
+        if checkpoint_id is not None:
+            fp = hashlib.sha256(f"{fp}:{checkpoint_id}".encode()).hexdigest()
+        got = load_saved_samples(folder, step, fingerprint=fp, num_samples=self.num_samples)
         if got is not None:
             log.info("step %s: reusing %d saved samples in %s", step, len(got), samples_dir(folder, step))
             return got
         model = model_or_loader() if _is_loader(model_or_loader) else model_or_loader
         batch = self.sample(model)
+        batch.meta["fingerprint"] = fp
+        if checkpoint_id is not None:
+            batch.meta["checkpoint_id"] = checkpoint_id
         save_samples(batch, folder, step)
         return batch
 

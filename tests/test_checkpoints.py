@@ -107,7 +107,7 @@ def test_tiny_training_run_layout_and_load(tmp_path):
     assert run.steps == [1, 3] and all(c.ema for c in run)
     assert run.scheduler_source == str(run_dir / "scheduler" / "scheduler_config.json")
     for c in run:
-        m = load_unet(c, device="cpu")
+        m = run.load(c, device="cpu")
         assert type(m).__name__ == "UNet2DModel" and not m.training
     assert not marker.exists()
     files = run.checkpoint_files()

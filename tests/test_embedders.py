@@ -239,18 +239,18 @@ def tiny_sscd(tmp_path_factory):
 
 
 def _sscd_reference(net, images, size, square=False):
-    """README preprocessing through torchvision's own tensor ops, then the raw module, then L2 normalisation."""
-    from torchvision.transforms import functional as TF
+    """The SSCD README's transform verbatim (torchvision on PIL images: Resize, ToTensor, Normalize), the raw
+    module, then L2 normalisation."""
+    from torchvision import transforms as T
 
-    outs = []
-    for a in images:
-        t = torch.from_numpy(a).permute(2, 0, 1).float() / 255.0
-        t = TF.resize(t, [size, size] if square else size, antialias=True)
-        t = TF.normalize(t, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-        with torch.no_grad():
-            y = net(t[None])[0]
-        outs.append((y / y.norm()).numpy())
-    return np.stack(outs)
+    tf = T.Compose([
+        T.Resize([size, size] if square else size),
+        T.ToTensor(),
+        T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+    ])
+    with torch.no_grad():
+        y = torch.cat([net(tf(Image.fromarray(a))[None]) for a in images])
+    return torch.nn.functional.normalize(y, dim=1).numpy()
 
 
 def test_sscd_torchscript_and_onnx_agree_with_module(tiny_sscd):
@@ -278,6 +278,8 @@ def test_sscd_square_mode_and_default_size(tiny_sscd):
     e = get_embedder("sscd:square", weights=ts, size=24)
     np.testing.assert_allclose(e.embed_batch(x), _sscd_reference(net, x, 24, square=True), atol=1e-5)
     assert e.name.endswith("-sq24")
+    big = list(digits_rgb(3, 64, seed=6))  # downscaling: PIL's antialias filter, uint8 rounding within 1/255
+    np.testing.assert_allclose(e.embed_batch(big), _sscd_reference(net, big, 24, square=True), atol=1e-3)
     assert get_embedder("sscd", weights=ts).size == 288
     assert get_embedder("sscd", weights=ts, resize="square").size == 320
     with pytest.raises(ValueError, match="resize="):
@@ -353,6 +355,20 @@ def test_clip_resizes_like_open_clip(tiny_clip):
         ref = torch.nn.functional.normalize(model.encode_image(batch), dim=1).numpy()
     # torch bicubic antialias vs PIL bicubic: close, not bit-equal
     assert np.min(np.sum(v * ref, axis=1)) > 0.995
+
+
+def test_clip_preprocessing_override_changes_name_and_vectors(tiny_clip):
+    import open_clip
+
+    model, _, st, _, _ = tiny_clip
+    x = digits_rgb(3, 32, seed=11)
+    e = get_embedder(f"clip:{TINY_ARCH}", weights=st, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+    assert e.name != get_embedder(f"clip:{TINY_ARCH}", weights=st).name
+    tf = open_clip.image_transform(32, is_train=False, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(
+            model.encode_image(torch.stack([tf(Image.fromarray(a)) for a in x])), dim=1).numpy()
+    np.testing.assert_allclose(e.embed_batch(list(x)), ref, atol=1e-5)
 
 
 def test_clip_errors(tiny_clip, tmp_path, monkeypatch):
@@ -476,6 +492,16 @@ def test_embed_keeps_finished_work_when_killed(tmp_path, monkeypatch):
     e = _Counting(batch_size=4)
     out = embed(ImageSet.from_arrays(x), e, cache_dir=tmp_path)
     assert e.images == 30 - 16 and len(out) == 30
+
+    # shards are written periodically during the run (a SIGKILL loses at most CACHE_FLUSH_EVERY images)
+    from diffaudit.cache import EmbeddingCache
+
+    c = EmbeddingCache(tmp_path / "c2")
+    writes = []
+    real_store = c.store
+    c.store = lambda name, keys, vecs: writes.append(len(keys)) or real_store(name, keys, vecs)
+    embed(ImageSet.from_arrays(x), _Counting(batch_size=4), cache_dir=c)
+    assert writes == [8, 8, 8, 6] and len(c.shards("pixel-16x16")) == 4
 
 
 def test_embed_progress_bar_runs(tmp_path, capsys):

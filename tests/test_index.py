@@ -319,3 +319,14 @@ def test_gpu_branch_fallback_and_fake_gpu(monkeypatch, tmp_path):
         g.save(tmp_path / kind)
         loaded = EmbeddingIndex.load(tmp_path / kind, use_gpu=False)
         np.testing.assert_array_equal(loaded.search(q, 4)[1], i)
+
+
+@pytest.mark.parametrize("kind", ["exact", "ivf"])
+def test_add_copies_caller_data(kind):
+    x, q = data_with_duplicates()
+    index = EmbeddingIndex(x.shape[1], kind=kind, nlist=4, nprobe=4)
+    mine = x.copy()
+    index.add(mine)  # float32 C-contiguous: must be copied, not aliased
+    mine[:] = 0
+    s, i = index.search(q, 3)
+    check_against_brute(s, i, brute(q, x, "l2"), "l2", 3)

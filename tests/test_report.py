@@ -7,7 +7,6 @@ import csv
 import hashlib
 import importlib.util
 import io
-import math
 import os
 import re
 import time
@@ -317,7 +316,7 @@ def test_chart_marks_onset_threshold_and_ci_where_the_data_are():
     for step, v in vals.items():
         assert (first_circle[step] > thr_y) == (v < 0.02), (step, v)
     assert svg.count('class="band"') >= 1  # CI band for the estimates with low/high
-    for title in ("Replication rate", "Top-1 similarity — pixel-32x32", "Denoising-loss gap", "Membership AUC"):
+    for title in ("Replication rate", "Top-1 distance — pixel-32x32", "Denoising-loss gap", "Membership AUC"):
         assert 'class="marker onset"' in _chart(html, title)
 
 
@@ -387,6 +386,12 @@ def test_default_provider_reads_only_inside_the_output_folder(tmp_path):
     assert len(re.findall(r'href="data:image', html)) == 1
     th = thumbnails(html)
     assert list(th) == ["sample 0 at step 1000"] and tuple(th["sample 0 at step 1000"][0, 0]) == (10, 200, 30)
+    # a provider that only knows training images: samples still come from the folder
+    html = render_audit_html(r, images=lambda kind, key: solid((1, 2, 3)) if kind == "train" else None, base_dir=out)
+    th = thumbnails(html)
+    assert tuple(th["sample 0 at step 1000"][0, 0]) == (10, 200, 30)
+    assert tuple(th["training image " + r.checkpoints[0].metrics["pixel-32x32"].top_matches[0].neighbor_ids[0]][0, 0]) \
+        == (1, 2, 3)
     assert html.count('aria-label="training image') > 0 and html.count('class="ph"') >= 3
 
 
@@ -400,7 +405,8 @@ def test_caps_keep_big_audits_small():
     copies = [int(v) for v in re.findall(r'<td class="n" data-v="(\d+)">[\d,]+</td><td class="n" data-v="\d*">',
                                          risk)]
     assert copies == sorted(copies, reverse=True) and copies[0] == 4
-    assert len(re.findall(r'class="match( copied)?"', html)) == 3 * 2 * 8  # 12 matches, 8 shown per checkpoint and embedder
+    # 12 matches each, 8 shown per checkpoint and embedder
+    assert len(re.findall(r'class="match( copied)?"', html)) == 3 * 2 * 8
     assert "8 of 12 shown" in html
 
 
@@ -426,7 +432,8 @@ def test_hundred_checkpoints_stay_a_few_megabytes():
     mb = len(html.encode()) / 1e6
     assert mb < 5.0, mb
     assert dt < 20, dt
-    assert len(re.findall(r'class="match( copied)?"', html)) <= 400 + 4 * 8  # the gallery budget, key checkpoints in full
+    # the gallery budget, with the key checkpoints (first, onset, recommended, last) in full
+    assert len(re.findall(r'class="match( copied)?"', html)) <= 400 + 4 * 8
 
 
 def test_risk_csv_guards_formula_injection(tmp_path):

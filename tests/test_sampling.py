@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import digits_rgb
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDPMScheduler
 
 from diffaudit.sampling import (
     CheckpointSampler,
@@ -181,6 +181,20 @@ def test_grayscale_model_gives_rgb(sched):
     assert (batch.images[..., 0] == batch.images[..., 1]).all() and (batch.images[..., 1] == batch.images[..., 2]).all()
 
 
+def test_unconditional_pipeline_uses_its_unet_and_scheduler():
+    """A DDPMPipeline (real diffusers class, tiny UNet) samples exactly like its bare UNet with its scheduler."""
+    from diffusers import DDPMPipeline
+
+    from diffaudit.testing import tiny_unet
+
+    unet, ddpm = tiny_unet(8, 3, seed=0), DDPMScheduler()
+    pipe = DDPMPipeline(unet=unet, scheduler=ddpm)
+    a = CheckpointSampler(None, 3, num_inference_steps=3, device="cpu", progress=True).sample(pipe)
+    b = CheckpointSampler(ddpm, 3, num_inference_steps=3, device="cpu").sample(unet)
+    assert a.images.shape == (3, 8, 8, 3) and a.finite_mask.all()
+    assert np.array_equal(a.images, b.images)
+
+
 def test_plain_callable_needs_geometry(sched):
     def model(x, t):  # a bare function returning a tensor
         return torch.zeros_like(x)
@@ -303,5 +317,7 @@ def test_save_load_and_resume(tmp_path, train8, sched):
     first = s2.sample_or_load(loader, tmp_path, 7)
     again = s2.sample_or_load(loader, tmp_path, 7)
     assert calls == [1] and np.array_equal(first.images, again.images)
+    s2.sample_or_load(loader, tmp_path, 7, checkpoint_id="sha-of-other-weights")  # other weights: resampled
+    assert calls == [1, 1]
     (samples_dir(tmp_path, 7) / "samples.json").unlink()  # an interrupted save is not complete
     assert load_saved_samples(tmp_path, 7) is None

@@ -175,7 +175,7 @@ def embed(
     finished work. A changed file has a new item key and is re-embedded.
 
     Args:
-        images: an ImageSet.
+        images: an ImageSet (a uint8 NHWC / NHW array is wrapped with ``ImageSet.from_arrays``).
         embedder: an Embedder or a spec string for :func:`get_embedder`.
         cache_dir: cache root (default: ``$DIFFAUDIT_CACHE`` or ``~/.cache/diffaudit``), or an EmbeddingCache.
         cache: False -> neither read nor write the cache (vectors stay exact float32). With the cache on, vectors
@@ -188,6 +188,12 @@ def embed(
         Embeddings in ImageSet order; images that failed to decode are absent from ``ids`` and listed in
         ``skipped`` (with the files refused when the set was scanned).
     """
+    if isinstance(images, np.ndarray):
+        from ..data import ImageSet
+
+        images = ImageSet.from_arrays(images)
+    if not hasattr(images, "iter_batches") or not hasattr(images, "ids"):
+        raise TypeError(f"images={type(images).__name__}: expected an ImageSet (or a uint8 NHWC / NHW array)")
     emb = get_embedder(embedder)
     bs = int(batch_size or getattr(emb, "batch_size", 64) or 64)
     if bs < 1:
@@ -298,6 +304,12 @@ def _embed_missing(images, emb, ids, missing, out, done, store, keys, name, bs, 
                     vecs = _at_cache_precision(vecs, store)
                 if out is None:
                     out = np.zeros((len(ids), vecs.shape[1]), np.float32)
+                elif out.shape[1] != vecs.shape[1]:
+                    raise RuntimeError(
+                        f"{name}: the cache holds vectors of dim {out.shape[1]} but the embedder returns dim "
+                        f"{vecs.shape[1]}; two different models share the name {name!r}. Clear "
+                        f"{getattr(store, 'root', 'the cache')} or pass cache=False"
+                    )
                 out[rows] = vecs
                 done[rows] = True
                 pend_rows.extend(rows)
@@ -307,6 +319,12 @@ def _embed_missing(images, emb, ids, missing, out, done, store, keys, name, bs, 
                 n_seen += len(rows)  # decode failures are not counted; the bar is completed at the end
                 bar.update(task, completed=min(n_seen, len(missing)))
         flush()
+    except BaseException:
+        try:  # interrupted (Ctrl-C, an error in a later batch): keep the vectors already computed
+            flush()
+        except Exception as e:  # pragma: no cover - the original error matters more
+            log.warning("could not write the last embeddings to the cache: %s", e)
+        raise
     finally:
         if bar is not None:
             bar.update(task, completed=len(missing))

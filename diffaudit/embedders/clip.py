@@ -19,6 +19,8 @@ Output: ``model.encode_image`` L2-normalised; cosine metric; default near-duplic
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 from typing import Sequence
@@ -26,7 +28,15 @@ from typing import Sequence
 import numpy as np
 
 from .base import Embedder, default_device
-from .pixel import as_rgb_uint8, center_crop, group_by_shape, resize_tensor, shortest_edge_size, stack_to_tensor
+from .pixel import (
+    as_rgb_uint8,
+    center_crop,
+    group_by_shape,
+    normalize_uint8,
+    resize_uint8,
+    shortest_edge_size,
+    uint8_nchw,
+)
 from .sscd import check_weights_file, file_sha256
 
 log = logging.getLogger(__name__)
@@ -123,6 +133,9 @@ class CLIPEmbedder(Embedder):
         pretrained: open_clip pretrained tag (hub download) — used only when given and ``weights`` is not.
         batch_size: images per forward pass.
         device: torch device (default CUDA when available, else CPU; float32 on CPU).
+        image_mean, image_std, image_interpolation, image_resize_mode: override the architecture's preprocessing
+            (e.g. the values of the pretrained tag the local weights came from; open_clip's ``get_pretrained_cfg``
+            lists them). Overrides change ``name`` (a short hash suffix).
     """
 
     metric = "cosine"
@@ -136,9 +149,11 @@ class CLIPEmbedder(Embedder):
         pretrained: str | None = None,
         batch_size: int = 64,
         device: str | None = None,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
+        image_interpolation: str | None = None,
+        image_resize_mode: str | None = None,
     ) -> None:
-        import torch
-
         open_clip = _import_open_clip()
         self.arch = str(arch)
         self.batch_size = int(batch_size)
@@ -154,19 +169,37 @@ class CLIPEmbedder(Embedder):
         if self.arch not in open_clip.list_models() and ":" not in self.arch:
             known = ", ".join(open_clip.list_models()[:8])
             raise ValueError(f"arch={self.arch!r}: not an open_clip architecture (open_clip.list_models(): {known}, ...)")
+        overrides = {
+            "image_mean": None if image_mean is None else tuple(float(v) for v in image_mean),
+            "image_std": None if image_std is None else tuple(float(v) for v in image_std),
+            "image_interpolation": image_interpolation,
+            "image_resize_mode": image_resize_mode,
+        }
+        if image_interpolation not in (None, "bicubic", "bilinear"):
+            raise ValueError(f"image_interpolation={image_interpolation!r}: allowed 'bicubic', 'bilinear'")
+        if image_resize_mode not in (None, "shortest", "longest", "squash"):
+            raise ValueError(f"image_resize_mode={image_resize_mode!r}: allowed 'shortest', 'longest', 'squash'")
+        for k in ("image_mean", "image_std"):
+            if overrides[k] is not None and len(overrides[k]) != 3:
+                raise ValueError(f"{k}={overrides[k]!r}: expected 3 values (R, G, B)")
+        self._overrides = {k: v for k, v in overrides.items() if v is not None}
         if self.weights is not None:
             self.sha256 = file_sha256(self.weights)
             quiet = _DropRandomInitWarning()
             logging.getLogger().addFilter(quiet)
             try:
-                model, _, _ = open_clip.create_model_and_transforms(self.arch, pretrained=None, device="cpu")
+                model, _, _ = open_clip.create_model_and_transforms(
+                    self.arch, pretrained=None, device="cpu", **self._overrides
+                )
             finally:
                 logging.getLogger().removeFilter(quiet)
             _load_into(model, load_state_dict_file(self.weights), str(self.weights))
         else:
             self.sha256 = None
             try:
-                model, _, _ = open_clip.create_model_and_transforms(self.arch, pretrained=pretrained, device="cpu")
+                model, _, _ = open_clip.create_model_and_transforms(
+                    self.arch, pretrained=pretrained, device="cpu", **self._overrides
+                )
             except Exception as e:
                 raise RuntimeError(
                     f"clip:{self.arch} pretrained={pretrained!r} could not be loaded ({type(e).__name__}: {e}). "
@@ -189,9 +222,7 @@ class CLIPEmbedder(Embedder):
         self.std = tuple(float(v) for v in (std if isinstance(std, (list, tuple)) else (std,) * 3))
         self.interpolation = "bilinear" if cfg.get("interpolation") == "bilinear" else "bicubic"
         self.resize_mode = cfg.get("resize_mode") or "shortest"
-        self.fill_color = float(cfg.get("fill_color", 0) or 0) / 255.0
-        self._mean_t = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
-        self._std_t = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
+        self.fill_value = int(cfg.get("fill_color", 0) or 0)
         self.dim: int | None = None
 
     @property
@@ -200,7 +231,12 @@ class CLIPEmbedder(Embedder):
         arch = re.sub(r"[^A-Za-z0-9_.-]", "_", self.arch)
         h, w = self.image_size
         size = str(h) if h == w else f"{h}x{w}"
-        return f"clip-{arch}-{src}-{size}"
+        name = f"clip-{arch}-{src}-{size}"
+        if self._overrides:  # preprocessing differs from the architecture's defaults: it must key the cache
+            tag = json.dumps({"mean": self.mean, "std": self.std, "interp": self.interpolation,
+                              "resize": self.resize_mode}, sort_keys=True)
+            name += "-p" + hashlib.sha256(tag.encode()).hexdigest()[:6]
+        return name
 
     def describe(self) -> dict:
         d = super().describe()
@@ -208,7 +244,7 @@ class CLIPEmbedder(Embedder):
         d.update(
             {
                 "preprocessing": f"open_clip eval transform, resize_mode={self.resize_mode} to {h}x{w} "
-                f"({self.interpolation}, antialias=True, clamped to [0,1]); Normalize(mean={list(self.mean)}, "
+                f"({self.interpolation}, antialias=True on uint8); ToTensor; Normalize(mean={list(self.mean)}, "
                 f"std={list(self.std)}); encode_image, L2-normalised",
                 "arch": self.arch,
                 "weights": None if self.weights is None else str(self.weights),
@@ -219,41 +255,46 @@ class CLIPEmbedder(Embedder):
         return d
 
     # -- preprocessing --------------------------------------------------------------------------------------------
-    def _geometry(self, x):
+    def _geometry(self, u):
+        """Resize / crop / pad a uint8 NCHW CPU tensor to ``image_size`` like open_clip's eval transform."""
+        import torch.nn.functional as F
+
         th, tw = self.image_size
-        h, w = x.shape[-2:]
+        h, w = u.shape[-2:]
         mode = self.interpolation
         if self.resize_mode == "squash":
-            return resize_tensor(x, (th, tw), mode)
+            return resize_uint8(u, (th, tw), mode)
         if self.resize_mode == "longest":
             scale = min(th / h, tw / w)
             nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
-            y = resize_tensor(x, (nh, nw), mode).clamp_(0.0, 1.0)
-            import torch.nn.functional as F
-
+            y = resize_uint8(u, (nh, nw), mode)
             ph, pw = th - nh, tw - nw
-            return F.pad(y, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2], value=self.fill_color)
+            return F.pad(y, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2], value=self.fill_value)
         # shortest (default): Resize(size) + CenterCrop(size)
         if th == tw:
             nh, nw = shortest_edge_size(h, w, th)
         else:
             scale = max(th / h, tw / w)
             nh, nw = max(th, int(round(h * scale))), max(tw, int(round(w * scale)))
-        return center_crop(resize_tensor(x, (nh, nw), mode), (th, tw))
+        return center_crop(resize_uint8(u, (nh, nw), mode), (th, tw))
 
     def preprocess(self, images: Sequence[np.ndarray]):
-        """uint8 HWC images -> normalised float tensor (N, 3, h, w) per the model's eval transform parameters."""
+        """uint8 HWC images -> normalised float tensor (N, 3, h, w) per the model's eval transform parameters.
+
+        Geometry (resize / crop / pad) runs on uint8 CPU tensors with torch's antialiased kernels (PIL's filters, as
+        open_clip's PIL transform), then ToTensor + Normalize in one pass on the device.
+        """
         import torch
 
         imgs = [as_rgb_uint8(a, i) for i, a in enumerate(images)]
-        out = torch.empty((len(imgs), 3, *self.image_size), dtype=torch.float32, device=self.device)
-        for idx in group_by_shape(imgs).values():
-            x = self._geometry(stack_to_tensor([imgs[i] for i in idx], self.device)).clamp_(0.0, 1.0)
-            if len(idx) == len(imgs):
-                out = x.contiguous()
-            else:
-                out[idx] = x
-        return (out - self._mean_t) / self._std_t
+        groups = list(group_by_shape(imgs).values())
+        if len(groups) == 1:
+            u = self._geometry(uint8_nchw(imgs))
+        else:
+            u = torch.empty((len(imgs), 3, *self.image_size), dtype=torch.uint8)
+            for idx in groups:
+                u[idx] = self._geometry(uint8_nchw([imgs[i] for i in idx]))
+        return normalize_uint8(u, self.mean, self.std, self.device)
 
     def embed_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
         import torch

@@ -13,8 +13,10 @@ by the reduction factor that PIL's ``Image.resize(..., BILINEAR)`` uses (torchvi
 ``antialias=True``); for upscaling it is plain bilinear. Whole batches of equal-size images are resized in one
 vectorised call.
 
-This module also holds the small tensor helpers the other embedders share (uint8 HWC list -> float NCHW batch,
-shortest-edge resize sizes, centre crop).
+When no resampling is needed the whole batch is converted in numpy (single-threaded, no torch threads woken).
+
+This module also holds the small helpers the other embedders share (uint8 HWC list -> uint8 NCHW batch, uint8
+antialiased resize, ToTensor + Normalize in one pass, shortest-edge resize sizes, centre crop).
 """
 from __future__ import annotations
 
@@ -32,7 +34,9 @@ DEFAULT_SIDE = 64
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# shared helpers (used by tiled, clip, sscd)
+# shared helpers (used by tiled, clip, sscd). The model embedders (clip, sscd) resize uint8 tensors with torch's
+# vectorised antialiased kernels (PIL's filters, which their reference transforms use), then do ToTensor + Normalize
+# in one pass on the target device. Pixel/tiled resample in float32 (no rounding to uint8).
 # ----------------------------------------------------------------------------------------------------------------
 def as_rgb_uint8(img: np.ndarray, index: int = 0) -> np.ndarray:
     """Check one image and return it as uint8 HWC with 3 channels (HW and HW1 grayscale are repeated to RGB)."""
@@ -56,22 +60,46 @@ def group_by_shape(images: Sequence[np.ndarray]) -> dict[tuple[int, int], list[i
     return groups
 
 
-def stack_to_tensor(images: Sequence[np.ndarray], device: str = "cpu"):
-    """Equal-size uint8 HWC arrays -> float32 tensor (N, 3, H, W) in [0, 1] on ``device`` (channels-last memory)."""
+def uint8_nchw(images: Sequence[np.ndarray]):
+    """Equal-size uint8 HWC arrays -> uint8 tensor (N, 3, H, W) on CPU (a channels-last view of ``np.stack``)."""
     import torch
 
-    arr = np.stack(images)  # a fresh, writable, contiguous array (inputs may be read-only views)
-    t = torch.from_numpy(arr).to(device, non_blocking=True)
-    return t.permute(0, 3, 1, 2).float().div_(255.0)
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
 
 
-def resize_tensor(x, size: tuple[int, int], mode: str = "bilinear"):
-    """Antialiased resize of a float NCHW tensor to ``size`` = (h, w); a no-op when the size already matches."""
+def resize_uint8(u, size: tuple[int, int], mode: str = "bilinear"):
+    """Antialiased resize of a uint8 NCHW CPU tensor with torch's vectorised uint8 kernels (PIL's filters; results
+    within 1/255 of ``PIL.Image.resize`` for bilinear); a no-op when the size already matches."""
     import torch.nn.functional as F
 
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode=mode, antialias=True, align_corners=False)
+    if tuple(u.shape[-2:]) == tuple(size):
+        return u
+    return F.interpolate(u, size=tuple(size), mode=mode, antialias=True)
+
+
+def normalize_uint8(u, mean, std, device: str = "cpu"):
+    """uint8 NCHW -> float32 contiguous NCHW ``(u / 255 - mean) / std`` on ``device`` (ToTensor + Normalize)."""
+    import torch
+
+    m = torch.tensor([255.0 * v for v in mean], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    inv = torch.tensor([1.0 / (255.0 * v) for v in std], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    x = u.to(device, non_blocking=True).float()
+    return x.sub_(m).mul_(inv).contiguous()
+
+
+def resize_float_hwc(arr: np.ndarray, size: tuple[int, int], device: str = "cpu") -> np.ndarray:
+    """uint8 (N, H, W, 3) -> float32 (N, h, w, 3) in [0, 1]: antialiased bilinear in float32 (no uint8 rounding);
+    plain numpy (no resampling) when the size already matches."""
+    import torch
+    import torch.nn.functional as F
+
+    if tuple(arr.shape[1:3]) == tuple(size):
+        return np.divide(arr, np.float32(255.0), dtype=np.float32)
+    x = np.ascontiguousarray(arr.transpose(0, 3, 1, 2), dtype=np.float32)
+    x /= np.float32(255.0)
+    y = F.interpolate(torch.from_numpy(x).to(device), size=tuple(size), mode="bilinear", antialias=True,
+                      align_corners=False)
+    return np.ascontiguousarray(y.cpu().numpy().transpose(0, 2, 3, 1))
 
 
 def shortest_edge_size(h: int, w: int, side: int) -> tuple[int, int]:
@@ -94,24 +122,6 @@ def center_crop(x, size: tuple[int, int]):
     top = int(round((h - th) / 2.0))
     left = int(round((w - tw) / 2.0))
     return x[..., top : top + th, left : left + tw]
-
-
-def batch_resized(images: Sequence[np.ndarray], size: tuple[int, int], device: str = "cpu", mode: str = "bilinear"):
-    """uint8 HWC images of any sizes -> float32 tensor (N, 3, h, w) in [0, 1], antialiased resize to ``size``.
-
-    Images are grouped by shape and each group is converted and resized with one vectorised call, so a batch of
-    equal-size images costs one ``np.stack`` + one ``interpolate``.
-    """
-    import torch
-
-    imgs = [as_rgb_uint8(a, i) for i, a in enumerate(images)]
-    groups = group_by_shape(imgs)
-    if len(groups) == 1:
-        return resize_tensor(stack_to_tensor(imgs, device), size, mode)
-    out = torch.empty((len(imgs), 3, *size), dtype=torch.float32, device=device)
-    for idx in groups.values():
-        out[idx] = resize_tensor(stack_to_tensor([imgs[i] for i in idx], device), size, mode)
-    return out
 
 
 def parse_size(size, arg: str = "size") -> tuple[int, int] | None:
@@ -201,8 +211,17 @@ class PixelEmbedder(Embedder):
         return None if self.size is None else 3 * self.size[0] * self.size[1]
 
     # -- embedding ------------------------------------------------------------------------------------------------
-    def _tensor(self, images: Sequence[np.ndarray]):
-        return batch_resized(images, self._ensure_size(images), self.device, "bilinear")
+    def _hwc(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """float32 (N, h, w, 3) in [0, 1] at ``self.size`` (numpy when no resize is needed, torch otherwise)."""
+        size = self._ensure_size(images)
+        imgs = [as_rgb_uint8(a, i) for i, a in enumerate(images)]
+        groups = group_by_shape(imgs)
+        if len(groups) == 1:
+            return resize_float_hwc(np.stack(imgs), size, self.device)
+        out = np.empty((len(imgs), size[0], size[1], 3), np.float32)
+        for idx in groups.values():
+            out[idx] = resize_float_hwc(np.stack([imgs[i] for i in idx]), size, self.device)
+        return out
 
     def embed_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
         import torch
@@ -210,9 +229,7 @@ class PixelEmbedder(Embedder):
         if len(images) == 0:
             return np.zeros((0, self.dim or 0), np.float32)
         with torch.inference_mode():
-            x = self._tensor(images)  # (N, 3, h, w)
-            v = x.permute(0, 2, 3, 1).reshape(len(images), -1)  # HWC order
-            return v.float().cpu().numpy()
+            return self._hwc(images).reshape(len(images), -1)  # HWC order
 
     def describe(self) -> dict:
         d = super().describe()

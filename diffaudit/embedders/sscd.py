@@ -15,8 +15,9 @@ Preprocessing follows the SSCD README ("resize the small edge to 288 or resize t
 * ``resize="square"`` (``size=320`` by default, the README's ``skew_320``): resize to size x size, aspect ratio not
   kept; every batch is one tensor (most efficient on GPUs).
 
-Resampling is ``torch.nn.functional.interpolate(mode="bilinear", antialias=True)`` on float tensors, i.e. the
-filter of torchvision's ``Resize`` (PIL bilinear), without PIL's rounding to uint8 (differences ~1/255).
+Resampling is ``torch.nn.functional.interpolate(mode="bilinear", antialias=True)`` on uint8 tensors: PIL's
+antialiased bilinear filter, which torchvision's ``Resize`` applies to the PIL images of the README's transform
+(outputs within 1/255 of PIL's), vectorised over the batch.
 
 Descriptors are L2-normalised; the score is cosine similarity. Default threshold 0.5 (Somepalli et al. 2023,
 "Diffusion Art or Digital Forgery?"); the SSCD README reports cosine > 0.75 ~ 90% precision on DISC.
@@ -33,7 +34,7 @@ from typing import Sequence
 import numpy as np
 
 from .base import Embedder, default_device
-from .pixel import as_rgb_uint8, group_by_shape, resize_tensor, shortest_edge_size, stack_to_tensor
+from .pixel import as_rgb_uint8, group_by_shape, normalize_uint8, resize_uint8, shortest_edge_size, uint8_nchw
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ class SSCDEmbedder(Embedder):
         )
         d.update(
             {
-                "preprocessing": f"{rs} bilinear antialias=True; ToTensor; Normalize(mean={list(IMAGENET_MEAN)}, "
+                "preprocessing": f"{rs} bilinear antialias=True on uint8; ToTensor; Normalize(mean={list(IMAGENET_MEAN)}, "
                 f"std={list(IMAGENET_STD)}); output L2-normalised",
                 "weights": str(self.weights),
                 "weights_sha256": self.sha256,
@@ -192,21 +193,23 @@ class SSCDEmbedder(Embedder):
         return shortest_edge_size(h, w, self.size)
 
     def preprocess(self, images: Sequence[np.ndarray]):
-        """Documented preprocessing -> list of (indices, normalised float tensor (n, 3, h, w)) groups of equal size."""
+        """Documented preprocessing -> list of (indices, normalised float tensor (n, 3, h, w)) groups of equal size.
+
+        Resizing runs on uint8 CPU tensors (torch's antialiased bilinear, PIL's filter, as torchvision ``Resize`` on
+        a PIL image does), then ToTensor + Normalize in one pass on the device.
+        """
         import torch
 
         imgs = [as_rgb_uint8(a, i) for i, a in enumerate(images)]
         by_target: dict[tuple[int, int], list] = {}
         for (h, w), idx in group_by_shape(imgs).items():
-            t = resize_tensor(stack_to_tensor([imgs[i] for i in idx], self.device), self.target_size(h, w))
-            by_target.setdefault(tuple(t.shape[-2:]), []).append((idx, t))
-        mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+            u = resize_uint8(uint8_nchw([imgs[i] for i in idx]), self.target_size(h, w), "bilinear")
+            by_target.setdefault(tuple(u.shape[-2:]), []).append((idx, u))
         out = []
         for parts in by_target.values():
             idx = [i for p in parts for i in p[0]]
-            x = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])
-            out.append((idx, ((x - mean) / std).contiguous()))
+            u = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])
+            out.append((idx, normalize_uint8(u, IMAGENET_MEAN, IMAGENET_STD, self.device)))
         return out
 
     # -- forward --------------------------------------------------------------------------------------------------

@@ -40,7 +40,8 @@ def tiled_l2(a, b, tiles: int = 16, *, pairwise: bool = True, chunk: int = 1024)
         tiles: number of tiles per vector (``grid * grid``, 16 by default); ``dim`` must be divisible by it.
         pairwise: True -> (na, nb) matrix of all pairs; False -> row-wise (n,) for ``a[i]`` vs ``b[i]``
             (na == nb), the shape used to re-score index candidates.
-        chunk: rows of ``a`` processed at a time in pairwise mode (bounds memory to chunk * nb * tiles floats).
+        chunk: at most this many rows of ``a`` at a time in pairwise mode (also capped so that a chunk's
+            ``rows * nb * tiles`` float64 intermediates stay under ~256 MB).
 
     Returns:
         float32 distances (>= 0), computed in float64.
@@ -61,17 +62,22 @@ def tiled_l2(a, b, tiles: int = 16, *, pairwise: bool = True, chunk: int = 1024)
     if not pairwise:
         if len(a) != len(b):
             raise ValueError(f"tiled_l2(pairwise=False): a and b need the same number of rows; got {len(a)}, {len(b)}")
-        d2 = ((at - bt) ** 2).sum(axis=2)
-        return np.sqrt(d2.max(axis=1)).astype(np.float32)
+        out = np.empty(len(a), np.float32)
+        step = max(1, (1 << 22) // max(1, dim))  # ~32 MB of float64 differences per chunk
+        for s in range(0, len(a), step):
+            d2 = ((at[s : s + step] - bt[s : s + step]) ** 2).sum(axis=2)
+            out[s : s + step] = np.sqrt(d2.max(axis=1))
+        return out
     out = np.empty((len(a), len(b)), np.float32)
     bn = (bt**2).sum(axis=2)  # (nb, T)
     bt_t = np.ascontiguousarray(bt.transpose(1, 2, 0))  # (T, L, nb)
-    for s in range(0, len(a), max(1, int(chunk))):
-        ac = at[s : s + chunk]  # (c, T, L)
+    step = max(1, min(int(chunk), (1 << 25) // max(1, tiles * len(b))))  # ~256 MB of float64 per chunk at most
+    for s in range(0, len(a), step):
+        ac = at[s : s + step]  # (c, T, L)
         an = (ac**2).sum(axis=2)  # (c, T)
         cross = np.matmul(ac.transpose(1, 0, 2), bt_t)  # (T, c, nb)
         d2 = an.T[:, :, None] + bn.T[:, None, :] - 2.0 * cross  # (T, c, nb)
-        out[s : s + chunk] = np.sqrt(np.maximum(d2.max(axis=0), 0.0))
+        out[s : s + step] = np.sqrt(np.maximum(d2.max(axis=0), 0.0))
     return out
 
 
@@ -119,12 +125,12 @@ class TiledEmbedder(PixelEmbedder):
             return np.zeros((0, self.dim or 0), np.float32)
         g = self.grid
         with torch.inference_mode():
-            x = self._tensor(images)  # (N, 3, H, W)
-            n, c, h, w = x.shape
-            th, tw = h // g, w // g
-            t = x.reshape(n, c, g, th, g, tw).permute(0, 2, 4, 3, 5, 1)  # (N, gy, gx, th, tw, C): tiles, HWC inside
-            t = t.reshape(n, g * g, th * tw * c) / float(np.sqrt(th * tw * c))
-            return t.reshape(n, -1).float().cpu().numpy()
+            x = self._hwc(images)  # (N, H, W, 3) float32
+        n, h, w, c = x.shape
+        th, tw = h // g, w // g
+        t = x.reshape(n, g, th, g, tw, c).transpose(0, 1, 3, 2, 4, 5)  # (N, gy, gx, th, tw, C): tiles, HWC inside
+        t = t.reshape(n, g * g, th * tw * c) * np.float32(1.0 / np.sqrt(th * tw * c))
+        return np.ascontiguousarray(t.reshape(n, -1), dtype=np.float32)
 
     def distance(self, a, b, *, pairwise: bool = True) -> np.ndarray:
         """Carlini's tiled L2 between vectors of this embedder (``tiled_l2`` with this grid)."""

@@ -9,8 +9,8 @@ placed in a script, a style, a URL or an event handler.
 
 Images come from a provider ``images(kind, key) -> np.ndarray | None``: ``kind`` is ``"sample"`` (``key`` is a
 :attr:`SampleMatch.sample_path`, relative to the audit's output folder) or ``"train"`` (``key`` is a training id).
-Without one, sample PNGs are read from the output folder (never from outside it) and training images are shown as
-placeholders.
+Without one (or where it returns None for a sample), sample PNGs are read from the output folder (never from
+outside it, never over :data:`MAX_PIXELS`); training images it cannot give are shown as placeholders.
 """
 from __future__ import annotations
 
@@ -94,7 +94,13 @@ def render_audit_html(result: AuditResult, *, images: ImageProvider | None = Non
                         ("gallery_budget", gallery_budget, 0), ("max_rows", max_rows, 0)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise ValueError(f"{name}: expected an integer >= {lo}, got {v!r}")
-    provider = images if images is not None else (_folder_provider(Path(base_dir)) if base_dir else _no_images)
+    folder = _folder_provider(Path(base_dir)) if base_dir else _no_images
+    if images is None:
+        provider = folder
+    else:
+        def provider(kind: str, key: str) -> np.ndarray | None:  # the caller's pictures first, then the folder's
+            got = images(kind, key)
+            return folder(kind, key) if got is None and kind == "sample" else got
     thumbs = _Thumbs(provider, thumb_px)
     ctx = _context(result, thumbs, title=title, max_gallery=max_gallery, gallery_budget=gallery_budget,
                    max_rows=max_rows)
@@ -113,14 +119,16 @@ def write_risk_csv(images: Iterable[ImageRisk], path: str | Path) -> str:
     Text cells that a spreadsheet would read as a formula (starting with ``= + - @``, tab or carriage return) get a
     leading ``'`` (OWASP's CSV-injection advice); numbers are written as numbers.
     """
-    rows = _sorted_risks(list(images))
+    rows = list(images)
+    for r in rows:
+        if not isinstance(r, ImageRisk):
+            raise TypeError(f"images: expected ImageRisk rows, got {type(r).__name__}")
+    rows = _sorted_risks(rows)
     buf = io.StringIO()
     w = csv.writer(buf)  # RFC 4180 "\r\n" rows: fields holding \r or \n get quoted
     w.writerow(["id", "copies", "first_step_copied", "duplicates", "outlier_score", "label", "membership_score",
                 "loo_score", "copies_by_step"])
     for r in rows:
-        if not isinstance(r, ImageRisk):
-            raise TypeError(f"images: expected ImageRisk rows, got {type(r).__name__}")
         by_step = " ".join(f"{k}:{v}" for k, v in r.copies_by_step.items())
         w.writerow([_csv_text(r.id), _csv_num(r.copies), _csv_num(r.first_step_copied), _csv_num(r.duplicates),
                     _csv_num(r.outlier_score), _csv_text(r.label), _csv_num(r.membership_score),
@@ -131,13 +139,11 @@ def write_risk_csv(images: Iterable[ImageRisk], path: str | Path) -> str:
 
 
 def _readable(p: Path) -> None:
-    """The temp file behind an atomic write is 0600; give the result the usual umask-based mode (0644 typically)."""
+    """The temp file behind an atomic write is created 0600; a report is meant to be shared: make it 0644."""
     import os
 
     try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(p, 0o666 & ~mask)
+        os.chmod(p, 0o644)
     except OSError:  # not ours to change (some filesystems): leave it
         pass
 
@@ -188,17 +194,6 @@ def _fmt_short_step(v: float) -> str:
             s = f"{v / div:.3g}"
             return s + suf
     return f"{int(round(v))}"
-
-
-def fmt_estimate(e: Estimate | None, pct: bool = True) -> str:
-    if e is None or _f(e.value) is None:
-        return "—"
-    f = fmt_pct if pct else fmt_num
-    s = f(e.value)
-    lo, hi = _f(e.low), _f(e.high)
-    if lo is not None and hi is not None:
-        s += f" (CI {f(lo)}–{f(hi)})"
-    return s
 
 
 def _ci_sentence(e: Estimate) -> str:
@@ -621,8 +616,8 @@ def _verdict(result: AuditResult, cks: list[CheckpointResult], keep_ck: Checkpoi
     on = result.onset
     signal_label = on.signal or "the onset signal"
     if not cks:
-        return {"status": "none", "badge": "No data", "headline": result.verdict.strip() or
-                "No checkpoints were audited.", "lines": [], "notes": [], "rule": ""}
+        return {"status": "none", "badge": "No data", "headline": "No checkpoints were audited.",
+                "lines": [result.verdict.strip()] if result.verdict.strip() else [], "notes": [], "rule": ""}
     last = cks[-1]
     e, metric, emb = _amount(last, on.signal)
     thr = _f(on.threshold)
@@ -650,8 +645,8 @@ def _verdict(result: AuditResult, cks: list[CheckpointResult], keep_ck: Checkpoi
     elif on.recommended_step is not None:
         lines.append(f"Keep the checkpoint at step {fmt_step(on.recommended_step)}.")
     else:
-        lines.append("No checkpoint is recommended" + (f": {on.recommended_reason.strip()}"
-                                                       if on.recommended_reason.strip() else "."))
+        why = on.recommended_reason.strip().rstrip(".")
+        lines.append("No checkpoint is recommended" + (f": {why}." if why else "."))
     notes: list[str] = []
     nonfinite = sum(int(c.num_nonfinite or 0) for c in cks)
     if nonfinite:
@@ -666,8 +661,8 @@ def _verdict(result: AuditResult, cks: list[CheckpointResult], keep_ck: Checkpoi
         rule = (f"Onset rule: the lower bound of the {conf} confidence interval of {signal_label} exceeds "
                 f"{fmt_pct(thr)} at a checkpoint and stays above it for {int(on.patience)} consecutive "
                 f"checkpoint{'s' * (int(on.patience) != 1)}.")
-    if result.verdict.strip():  # the audit's own words win over the composed ones
-        headline, lines = result.verdict.strip(), []
+    if result.verdict.strip():  # the audit's own words replace the composed ones; the headline stays short
+        lines = [result.verdict.strip()]
     return {"status": status, "badge": badge, "headline": headline, "lines": lines, "notes": notes, "rule": rule}
 
 
@@ -759,7 +754,7 @@ def _charts(result: AuditResult, cks: list[CheckpointResult], colors: dict[str, 
         hl = []
         if cos and em0 is not None and _f(em0.threshold) is not None:
             hl.append(HLine(float(em0.threshold), f"copy threshold {fmt_num(em0.threshold)}", dash="2 3"))
-        add(f"top1-{n}", f"Top-1 similarity — {n}",
+        add(f"top1-{n}", f"Top-1 {'similarity' if cos else 'distance'} — {n}",
             f"Each sample's nearest training image ({unit}), beside the training set's own second-neighbour "
             "baseline and held-out real images. Samples far closer than the baseline are copies.",
             [Series("samples: mean", _pts(cks, m_get(n, "top1_mean")), colors[n], band=False),
@@ -977,7 +972,8 @@ def _context(result: AuditResult, thumbs: _Thumbs, *, title, max_gallery, galler
          (f"step {fmt_step(on.recommended_step)}" if on.recommended_step is not None else "none"),
          "recommended checkpoint"),
         ("Training images copied", f"{risk['n_copied']:,}" if result.images else "—",
-         f"of {len(result.images):,} ({risk['n_outlier_copied']:,} outliers)" if result.images else "no per-image data"),
+         f"of {len(result.images):,} ({risk['n_outlier_copied']:,} outliers)" if result.images
+         else "no per-image data"),
         ("Checkpoints", f"{len(cks):,}", f"steps {fmt_step(cks[0].step)}–{fmt_step(cks[-1].step)}" if cks else ""),
     ]
     galleries, capped = _galleries(cks, thumbs, onset=on.onset_step, keep=on.recommended_step,

@@ -32,6 +32,8 @@ _EXTRA_CSS = """
 .th figcaption { font-family: var(--mono); font-size: .68rem; color: var(--muted); overflow-wrap: anywhere;
                  line-height: 1.25; margin-top: 3px; }
 .th figcaption b { font-family: var(--sans); color: var(--fg); font-weight: 600; }
+.th figcaption .cap, .th figcaption .idl { display: block; }
+.th figcaption .cap { font-family: var(--sans); font-size: .74rem; }
 .th.query img { outline: 2px solid var(--blue); outline-offset: -2px; }
 .row { display: flex; gap: 14px; align-items: flex-start; background: var(--card); border: 1px solid var(--line);
        border-radius: 8px; padding: 10px 14px; margin: 0 0 8px; }
@@ -120,8 +122,9 @@ class _Thumbs:
         return html
 
     def figure(self, id_: str, caption_html: str = "", cls: str = "th") -> str:
-        return (f"<figure class=\"{cls}\">{self.img(id_)}<figcaption>{caption_html}"
-                f"<span title=\"{esc(id_)}\">{esc(id_)}</span></figcaption></figure>")
+        cap = f"<span class=\"cap\">{caption_html}</span>" if caption_html else ""
+        return (f"<figure class=\"{cls}\">{self.img(id_)}<figcaption>{cap}"
+                f"<span class=\"idl\" title=\"{esc(id_)}\">{esc(id_)}</span></figcaption></figure>")
 
 
 def render_duplicates(report: "DuplicateReport", images, *, path: str | os.PathLike | None = None,
@@ -236,7 +239,7 @@ def render_matches(matches: "Matches", queries, reference, *, path: str | os.Pat
         figs = [tq.figure(qid, "<b>query</b>" + (" · closer than baseline" if flag else ""), "th query"),
                 "<div class=\"sep\"></div>"]
         for rank, (rid, s) in enumerate(zip(matches.reference_ids[i], matches.scores[i])):
-            figs.append(tr.figure(rid, f"<b>#{rank + 1}</b> {esc(_fmt(s, metric))}"))
+            figs.append(tr.figure(rid, f"<b>#{rank + 1}</b> · {esc(_fmt(s, metric))}"))
         parts.append(f"<div class=\"row{' flag' if flag else ''}\">{''.join(figs)}</div>")
     parts.append("</section>")
     parts.append(_skipped_section(matches.skipped))
