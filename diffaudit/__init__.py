@@ -29,6 +29,8 @@ _EXPORTS = {
     "embed": "diffaudit.embedders",
     "EmbeddingCache": "diffaudit.cache",
     "EmbeddingIndex": "diffaudit.index",
+    "self_neighbors": "diffaudit.index",
+    "duplicate_threshold": "diffaudit.curate",
     "find_duplicates": "diffaudit.curate",
     "match": "diffaudit.curate",
     "DuplicateReport": "diffaudit.curate",
@@ -69,11 +71,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from .audit import AuditConfig, audit
     from .cache import EmbeddingCache
     from .checkpoints import discover_checkpoints
-    from .curate import DuplicateReport, Matches, find_duplicates, match
+    from .curate import DuplicateReport, Matches, duplicate_threshold, find_duplicates, match
     from .membership import membership_scores
     from .data import ImageSet, Skipped
     from .embedders import Embedder, Embeddings, embed, get_embedder, register_embedder
-    from .index import EmbeddingIndex
+    from .index import EmbeddingIndex, self_neighbors
     from .loo import loo_scores
     from .monitor import MemorizationMonitor, OnsetRule, detect_onset
     from .results import AuditResult, CheckpointResult, EmbedderMetrics, Estimate, ImageRisk

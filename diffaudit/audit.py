@@ -198,8 +198,25 @@ class EmbedderReference:
         return hasattr(self.embedder, "tiles") and hasattr(self.embedder, "distance")
 
     def as_distance(self, scores: np.ndarray) -> np.ndarray:
-        """Scores -> distances (smaller = closer): identity for l2, 1 - similarity for cosine."""
-        return scores if self.metric == "l2" else 1.0 - scores
+        """Scores -> distances (smaller = closer): identity for l2, 1 - similarity for cosine (clipped to [0, 2]:
+        float32 similarities of exact copies can exceed 1 by an ulp, and a negative distance is refused downstream)."""
+        return scores if self.metric == "l2" else np.clip(1.0 - scores, 0.0, 2.0)
+
+
+def _as_imageset(images, what: str):
+    """An ImageSet as is, or a folder scanned with ``ImageSet.from_folder``; folder errors name the argument."""
+    from .data import ImageSet
+
+    if isinstance(images, ImageSet):
+        return images
+    try:
+        return ImageSet.from_folder(images)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        try:
+            err = type(e)(f"{what}={str(images)!r}: {e}")
+        except Exception:  # an exception class with another constructor: keep it as is
+            raise e from None
+        raise err from None
 
 
 def _progress(enabled: bool):
@@ -235,10 +252,10 @@ class ReferenceSet:
         from .embedders import embed, get_embedder
         from .index import EmbeddingIndex, self_neighbors
 
-        self.train = train if isinstance(train, ImageSet) else ImageSet.from_folder(train)
+        self.train = _as_imageset(train, "train")
         self.heldout = None
         if heldout is not None:
-            self.heldout = heldout if isinstance(heldout, ImageSet) else ImageSet.from_folder(heldout)
+            self.heldout = _as_imageset(heldout, "heldout")
         if len(self.train) < 3:
             raise ValueError(f"train: the nearest/second-nearest rule needs at least 3 training images; got {len(self.train)}")
         weights = weights or {}
@@ -247,13 +264,15 @@ class ReferenceSet:
         self.refs: list[EmbedderReference] = []
         self.skipped: list[SkippedItem] = []
         names_seen = set()
-        for spec in embedders:
+        resolved = []
+        for spec in embedders:  # resolve every spec first: a typo in the 2nd one fails before the 1st one embeds
             kw = {}
             if isinstance(spec, str):
                 w = weights.get(spec) or weights.get(spec.split(":")[0])
                 if w:
                     kw["weights"] = w
-            emb = get_embedder(spec, **kw)
+            resolved.append(get_embedder(spec, **kw))
+        for emb in resolved:
             emb.prepare(self.train)
             e_train = embed(self.train, emb, cache_dir=cache_dir, progress=progress)
             if emb.name in names_seen:
@@ -615,10 +634,8 @@ def audit(
 
             keep = out_path is not None and cfg.keep_samples
             if keep:
-                from .checkpoints import checkpoint_hash
-
                 batch = sampler.sample_or_load(load_model, out_path / "samples", ckpt.step,
-                                               checkpoint_id=checkpoint_hash(ckpt))
+                                               checkpoint_id=_checkpoint_id(run, ckpt))
             else:
                 batch = sampler.sample(load_model())
             finite = np.asarray(batch.finite_mask, bool)
@@ -634,7 +651,12 @@ def audit(
             for tid in ev.copied_train_ids:
                 copies.setdefault(tid, {}).setdefault(ckpt.step, 0)
                 copies[tid][ckpt.step] += 1
-            lp = loss_pass(load_model(), run.new_scheduler(), ref, cfg, device=cfg.device)
+            try:
+                lp = loss_pass(load_model(), run.new_scheduler(), ref, cfg, device=cfg.device)
+            except FloatingPointError as e:  # NaN/inf model outputs: no loss for this checkpoint; samples still count
+                log.warning("step %s: denoising loss skipped: %s", ckpt.step, e)
+                skipped.append(SkippedItem("denoising loss", str(e), f"loss@{ckpt.step}"))
+                lp = None
             if lp is not None:
                 from .metrics import membership_auc, membership_percentile
 
@@ -688,6 +710,38 @@ def audit(
     return result
 
 
+def _checkpoint_id(run, ckpt) -> str:
+    """What saved samples must match besides the sampler settings (resume): the weights (sha256 of the files; for
+    in-memory models of the tensors) and the run's noise-schedule config."""
+    import hashlib
+    import json
+
+    from .checkpoints import checkpoint_hash
+
+    ident = run.identity(ckpt) if hasattr(run, "identity") else (checkpoint_hash(ckpt) if ckpt.weights else ckpt.path)
+    sched = dict(run.scheduler.config) if getattr(run, "scheduler", None) is not None else None
+    blob = json.dumps({"scheduler": sched, "checkpoint": ident}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _module_hash(model) -> str:
+    """sha256 over the names and bytes of a module's parameters and buffers (a pipeline: its UNet)."""
+    import hashlib
+
+    import torch
+
+    m = getattr(model, "unet", model)
+    if not isinstance(m, torch.nn.Module):
+        return f"object:{type(model).__name__}:{id(model)}"
+    h = hashlib.sha256()
+    for name, t in sorted([*m.named_parameters(), *m.named_buffers()], key=lambda p: p[0]):
+        a = t.detach().cpu().contiguous()
+        h.update(f"{name}:{a.dtype}:{tuple(a.shape)}".encode())
+        if a.numel():
+            h.update(a.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _is_model_list(checkpoints) -> bool:
     """True for in-memory checkpoints: a non-empty list of ``(step, model)`` pairs or a ``{step: model}`` dict."""
     if isinstance(checkpoints, dict):
@@ -736,6 +790,10 @@ def memory_run(checkpoints, scheduler=None):
 
         def checkpoint_files(self) -> dict[str, str]:
             return {}
+
+        def identity(self, checkpoint) -> str:
+            m = models[checkpoint.step]
+            return _module_hash(m) if (hasattr(m, "parameters") or hasattr(m, "unet")) else f"loader:{checkpoint.step}"
 
     cks = [Checkpoint(step=s, path=f"memory:step-{s}", kind="memory", unet_path="", name=f"step-{s}") for s in steps]
     return _MemoryRun(root="memory", checkpoints=cks, scheduler=sched, scheduler_source=src)

@@ -193,8 +193,8 @@ def audit_cmd(
         raise ValueError("audit: give --train DIR (folder of training images) or `train:` in --config")
     out_dir = _check_out_dir(out_dir)
     result = audit(config=cfg, out_dir=out_dir, progress=True)
-    out.print(result.verdict)
-    out.print(f"report: {out_dir / 'report.html'}")
+    out.print(result.verdict, soft_wrap=True, highlight=False)
+    out.print(f"report: {out_dir / 'report.html'}", soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -210,6 +210,114 @@ def report(
     target = out or audit_json.with_name("report.html")
     result.to_html(str(target))
     console.print(f"report: {target}")
+
+
+@app.command("watch")
+@_guard
+def watch_cmd(
+    run_dir: Path = typer.Argument(..., help="Training run folder where checkpoint-N/ folders appear (output_dir)."),
+    train: Path = typer.Option(..., "--train", help="Folder of training images."),
+    heldout: Optional[Path] = typer.Option(None, "--heldout", help="Folder of held-out real images (loss gap, C_T)."),
+    embedder: Optional[List[str]] = typer.Option(None, "--embedder", "-e", help="Repeatable: pixel, tiled, clip:<arch>, sscd."),
+    weights: Optional[List[str]] = typer.Option(None, "--weights", help="Repeatable NAME=PATH, e.g. sscd=sscd.torchscript.pt"),
+    samples: int = typer.Option(256, "--samples", "-n", min=2, help="Samples per checkpoint (same noise each time)."),
+    steps: int = typer.Option(25, "--inference-steps", min=1, help="Sampler steps."),
+    seed: int = typer.Option(0, help="Noise seed."),
+    interval: float = typer.Option(30.0, "--interval", help="Seconds between polls of RUN_DIR."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Exit 0 once no new checkpoint has appeared for this many seconds (default: wait forever)."),
+    scheduler: Optional[str] = typer.Option(None, help="Training noise scheduler (folder, scheduler_config.json or name) when RUN_DIR has no scheduler/ yet."),
+    ema: str = typer.Option("prefer", help="prefer | only | never (use unet_ema/ weights)."),
+    threshold: float = typer.Option(0.02, "--threshold", help="Onset rule: CI lower bound of the copied fraction must exceed this..."),
+    patience: int = typer.Option(2, "--patience", min=1, help="...at this many consecutive checkpoints."),
+    settle: float = typer.Option(2.0, "--settle", help="A checkpoint is complete once unmodified for this many seconds."),
+    device: Optional[str] = typer.Option(None, help="cuda | cpu (default: CUDA when available)."),
+    out_dir: Path = typer.Option(Path("diffaudit-watch"), "--out", "-o", help="Where audit.json / report.html go."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache"),
+) -> None:
+    """Sidecar: audit each new checkpoint-N of a running training as it appears; at memorization onset write
+    RUN_DIR/STOP (JSON) and exit with status 3."""
+    from .audit import write_outputs
+    from .monitor import MemorizationMonitor, OnsetRule
+    from .watch import STATE_FILE, watch
+
+    if not 0 <= threshold < 1:
+        raise ValueError(f"--threshold {threshold!r} is not allowed; expected a fraction in [0, 1)")
+    if ema not in ("prefer", "only", "never"):
+        raise ValueError(f"--ema {ema!r} is not allowed; expected prefer, only or never")
+    wmap = {}
+    for item in weights or []:
+        if "=" not in item:
+            raise ValueError(f"--weights expects NAME=PATH (e.g. sscd=sscd.pt); got {item!r}")
+        name, path = item.split("=", 1)
+        wmap[name.strip()] = path.strip()
+    out_dir = _check_out_dir(out_dir)
+    monitor = MemorizationMonitor(
+        train=str(train), heldout=str(heldout) if heldout else None, embedder=list(embedder) if embedder else "pixel",
+        every_n_steps=1, num_samples=samples, seed=seed, num_inference_steps=steps,
+        rule=OnsetRule(threshold=threshold, patience=patience), cache_dir=str(cache_dir) if cache_dir else None,
+        weights=wmap, device=device, progress=False, lazy=False,
+    )
+    console.print(f"watching {run_dir} for checkpoint-N folders (every {interval:g}s"
+                  + (f", giving up after {timeout:g}s without a new one" if timeout is not None else "") + ")",
+                  highlight=False)
+    outcome = None
+    try:
+        outcome = watch(run_dir, monitor, interval=interval, timeout=timeout, settle=settle, ema=ema,
+                        scheduler=scheduler, device=device, state_path=out_dir / STATE_FILE,
+                        on_checkpoint=lambda m: out.print(m.summary_line(), highlight=False, markup=False, soft_wrap=True))
+    finally:
+        if monitor.history:
+            result = monitor.to_result(run=str(run_dir))
+            try:
+                write_outputs(result, out_dir, ref=monitor.reference)
+                out.print(result.verdict, highlight=False, markup=False, soft_wrap=True)
+                out.print(f"report: {out_dir / 'report.html'}", highlight=False, markup=False)
+            except Exception as exc:  # the STOP marker and the exit status must not depend on the report
+                if _state["debug"]:
+                    raise
+                console.print(f"[bold red]error:[/] could not write the report in {out_dir}: "
+                              f"{type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+        monitor.close()
+    if outcome.reason == "onset":
+        out.print(f"memorization onset at step {outcome.onset_step}: wrote {outcome.stop_file}", highlight=False,
+                  markup=False)
+        raise typer.Exit(EXIT_ONSET)
+    if not outcome.evaluated:
+        console.print(f"no new complete checkpoint appeared in {run_dir}", highlight=False)
+
+
+@app.command("loo")
+@_guard
+def loo_cmd(
+    runs: Optional[List[Path]] = typer.Option(None, "--runs", help="Repeatable: a run / pipeline folder trained on one fold (default: the manifest's run paths)."),
+    manifest: Path = typer.Option(..., "--manifest", help='Fold manifest JSON: {"version": 1, "runs": {"<run>": ["<image id>", ...]}}.'),
+    train: Path = typer.Option(..., "--train", help="Folder of all training images (the manifest's ids are paths relative to it)."),
+    out_dir: Path = typer.Option(Path("diffaudit-loo"), "--out", "-o", help="Output folder for loo.json, loo.csv, loo.html."),
+    timestep: Optional[List[int]] = typer.Option(None, "--timestep", "-t", help="Repeatable: loss timesteps (default 100)."),
+    noise_draws: int = typer.Option(4, "--noise-draws", min=1, help="Noise draws per image and timestep."),
+    seed: int = typer.Option(0, help="Noise seed (the same noise per image in every run)."),
+    checkpoint: Optional[int] = typer.Option(None, "--checkpoint", help="Training step to use in every run (default: each run's final model)."),
+    scheduler: Optional[str] = typer.Option(None, help="Noise scheduler (folder, scheduler_config.json or name) for runs without one."),
+    audit_json: Optional[Path] = typer.Option(None, "--audit", help="audit.json of the same training set: adds copy counts."),
+    min_ratio: float = typer.Option(2.0, "--min-ratio", help="Memorized when loss_out / loss_in >= this."),
+    allow_unknown_ids: bool = typer.Option(False, "--allow-unknown-ids", help="Ignore manifest ids missing from --train instead of failing."),
+    device: Optional[str] = typer.Option(None, help="cuda | cpu (default: CUDA when available)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+) -> None:
+    """Leave-one-out memorization from runs trained on known folds; writes loo.json, loo.csv and loo.html."""
+    from .data import ImageSet
+    from .loo import loo_scores, write_loo_outputs
+
+    out_dir = _check_out_dir(out_dir)
+    images = ImageSet.from_folder(train)
+    result = loo_scores(
+        [str(r) for r in runs] if runs else None, manifest, images, timesteps=tuple(timestep) if timestep else (100,),
+        noise_draws=noise_draws, seed=seed, batch_size=batch_size, device=device, scheduler=scheduler,
+        checkpoint=checkpoint, strict=not allow_unknown_ids, min_ratio=min_ratio, copies=audit_json, progress=True,
+    )
+    paths = write_loo_outputs(result, out_dir, images=images)
+    out.print(result.summary(), highlight=False, markup=False, soft_wrap=True)
+    out.print(f"report: {paths['html']}", highlight=False, markup=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -195,8 +195,9 @@ def train_digits_ddpm(
     callback that returns early is the whole cost.
 
     Reproducible: weights, batches, noise and timesteps follow ``seed`` alone (same device, same torch build); the
-    global torch RNG state is restored afterwards. ``num_threads`` (default: ``min(torch.get_num_threads(), 4)``;
-    the demo's tiny convolutions do not scale further) is set for the run and restored afterwards.
+    global torch RNG state is restored afterwards. ``num_threads`` (default: 1 at 8x8, where a second thread gains
+    nothing and oversubscribes a busy machine; else ``min(torch.get_num_threads(), 4)``) is set for the run and
+    restored afterwards.
     ``device`` defaults to CUDA when available, else CPU.
     """
     import torch
@@ -235,7 +236,8 @@ def train_digits_ddpm(
     logger.info("training demo DDPM: %s -> %s", config, run_dir)
 
     old_threads = torch.get_num_threads()
-    threads = num_threads if num_threads is not None else min(old_threads, 4)
+    # 8x8: one thread is as fast as two (per-op overhead dominates) and cannot oversubscribe a busy machine
+    threads = num_threads if num_threads is not None else (1 if image_size <= 8 else min(old_threads, 4))
     threads = _check_int("num_threads", threads, 1)
     torch.set_num_threads(threads)
     try:

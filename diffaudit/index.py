@@ -375,7 +375,7 @@ class EmbeddingIndex:
             q = _normalize(q)
         return q
 
-    def search(self, queries, k: int = 5, *, batch_size: int = 4096, refine: bool | None = None
+    def search(self, queries, k: int = 5, *, batch_size: int = 16384, refine: bool | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest stored vectors of each query.
 
@@ -611,7 +611,7 @@ def search_shards(indexes: Sequence[EmbeddingIndex], queries, k: int = 5, **kw) 
     return merge_topk((ix.search(queries, k, **kw) for ix in indexes), offsets, k, metric)
 
 
-def self_neighbors(index_or_vectors, k: int = 1, *, metric: str = "l2", batch_size: int = 4096,
+def self_neighbors(index_or_vectors, k: int = 1, *, metric: str = "l2", batch_size: int = 16384,
                    refine: bool = True, rows: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each stored row's ``k`` nearest OTHER rows: ``(scores, indices)``, both (N, k).
 

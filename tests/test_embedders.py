@@ -100,6 +100,10 @@ def test_pixel_prepare_native_then_default_and_sticky():
     emb2 = get_embedder("pixel")
     emb2.prepare(_Sizes([(64, 64), (10, 10)]))
     assert emb2.size == (64, 64)
+    big = get_embedder("pixel")
+    big.prepare(_Sizes([(512, 512)] * 2))  # 786k-dim vectors would not fit in memory for large sets
+    assert big.size == (64, 64)
+    assert get_embedder("pixel", max_native=512).embed_batch([np.zeros((512, 512, 3), np.uint8)]).shape[1] == 786432
     emb3 = get_embedder("pixel:8")
     emb3.prepare(_Sizes([(32, 32)]))
     assert emb3.size == (8, 8)
@@ -284,6 +288,29 @@ def test_sscd_square_mode_and_default_size(tiny_sscd):
     assert get_embedder("sscd", weights=ts, resize="square").size == 320
     with pytest.raises(ValueError, match="resize="):
         get_embedder("sscd", weights=ts, resize="crop")
+
+
+def test_sscd_onnx_fixed_input_size(tiny_sscd, tmp_path):
+    net = tiny_sscd[0]
+    p = tmp_path / "fixed24.onnx"
+    kw = dict(input_names=["input"], output_names=["out"], opset_version=17, dynamic_axes={"input": {0: "b"}})
+    try:
+        torch.onnx.export(net, (torch.randn(1, 3, 24, 24),), str(p), dynamo=False, **kw)
+    except TypeError:
+        torch.onnx.export(net, (torch.randn(1, 3, 24, 24),), str(p), **kw)
+    x = list(digits_rgb(2, 16))
+    with pytest.raises(ValueError, match="resize='square', size=24"):
+        get_embedder("sscd", weights=p, size=40).embed_batch(x)
+    v = get_embedder("sscd", weights=p, resize="square", size=24).embed_batch(x)
+    np.testing.assert_allclose(v, _sscd_reference(net, x, 24, square=True), atol=1e-4)
+
+
+def test_sscd_onnx_without_onnxruntime_names_the_extra(tiny_sscd, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    with pytest.raises(ModuleNotFoundError, match=r'pip install "diffaudit\[onnx\]"'):
+        get_embedder("sscd", weights=tiny_sscd[2])
 
 
 def test_sscd_rejects_non_torchscript(tmp_path):

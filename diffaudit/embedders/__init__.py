@@ -274,6 +274,7 @@ def _embed_missing(images, emb, ids, missing, out, done, store, keys, name, bs, 
         if store is None or not pend_rows:
             return
         rows = np.asarray(pend_rows)
+        rows = rows[np.sort(np.unique([keys[i] for i in rows], return_index=True)[1])]  # identical images share a key
         store.store(name, [keys[i] for i in rows], out[rows])
         pend_rows.clear()
 

@@ -161,8 +161,11 @@ class PixelEmbedder(Embedder):
 
     Args:
         size: side (int) or (height, width). None: chosen by :meth:`prepare` (native size when every image of the
-            ImageSet has the same size, else 64x64). Once set it is never changed, so an audit prepares on the
-            training set and embeds generated samples in the same space.
+            ImageSet has the same size and its longer side is at most ``max_native``, else 64x64). Once set it is
+            never changed, so an audit prepares on the training set and embeds generated samples in the same space.
+        max_native: largest native side used as is (default 128: 49,152 dims). Larger shared sizes (e.g. 512x512
+            photos, 786k dims, 3 MB per image) fall back to 64x64 so that 100k vectors still fit in memory; pass
+            ``size=`` to choose.
         batch_size: images per batch.
         device: torch device (default: CUDA when available, else CPU).
     """
@@ -171,8 +174,11 @@ class PixelEmbedder(Embedder):
     default_threshold = None
     kind = "pixel"
 
-    def __init__(self, size=None, *, batch_size: int = 256, device: str | None = None) -> None:
+    def __init__(
+        self, size=None, *, max_native: int = 128, batch_size: int = 256, device: str | None = None
+    ) -> None:
         self.size: tuple[int, int] | None = parse_size(size)
+        self.max_native = int(max_native)
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: must be >= 1")
@@ -186,17 +192,23 @@ class PixelEmbedder(Embedder):
     def prepare(self, images) -> None:
         if self.size is not None:
             return
-        hw = native_size(images)
+        self.size = self._fit_size(self._default_size(native_size(images)))
+
+    def _default_size(self, hw: tuple[int, int] | None) -> tuple[int, int]:
         if hw is None:
             log.info("%s: images have different sizes; resizing all to %dx%d", self.kind, DEFAULT_SIDE, DEFAULT_SIDE)
-            hw = (DEFAULT_SIDE, DEFAULT_SIDE)
-        self.size = self._fit_size(hw)
+            return DEFAULT_SIDE, DEFAULT_SIDE
+        if max(hw) > self.max_native:
+            log.info("%s: native size %dx%d is larger than max_native=%d; resizing to %dx%d (pass size= to choose)",
+                     self.kind, hw[0], hw[1], self.max_native, DEFAULT_SIDE, DEFAULT_SIDE)
+            return DEFAULT_SIDE, DEFAULT_SIDE
+        return hw
 
     def _ensure_size(self, images: Sequence[np.ndarray]) -> tuple[int, int]:
         if self.size is None:  # embed_batch called without prepare(): decide from this first batch, then keep it
             shapes = {tuple(np.shape(a)[:2]) for a in images}
-            hw = next(iter(shapes)) if len(shapes) == 1 else (DEFAULT_SIDE, DEFAULT_SIDE)
-            self.size = self._fit_size((int(hw[0]), int(hw[1])))
+            hw = next(iter(shapes)) if len(shapes) == 1 else None
+            self.size = self._fit_size(self._default_size(None if hw is None else (int(hw[0]), int(hw[1]))))
             log.info("%s: size not set and prepare() not called; using %s from the first batch", self.kind, self.size)
         return self.size
 

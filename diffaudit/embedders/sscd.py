@@ -11,7 +11,8 @@ Preprocessing follows the SSCD README ("resize the small edge to 288 or resize t
 * ``resize="small_edge"`` (default, ``size=288``): torchvision ``Resize(288)`` semantics (smaller edge -> 288, the
   other edge ``int(288 * long / short)``, aspect ratio kept, no crop), ``ToTensor``, ``Normalize(ImageNet mean/std)``.
   Tensors in a batch must have equal sizes, so each batch is split into groups of equal resized size (one forward
-  pass per group; a set of equal-size images is one group).
+  pass per group; a set of equal-size images is one group). With many different aspect ratios the groups get
+  small and the forward passes slow; ``resize="square"`` then batches fully.
 * ``resize="square"`` (``size=320`` by default, the README's ``skew_320``): resize to size x size, aspect ratio not
   kept; every batch is one tensor (most efficient on GPUs).
 

@@ -8,7 +8,8 @@ per-tile L2 distance between corresponding tiles, with the L2 normalised by the 
 Embedding layout (this module's decision, documented so metrics can rely on it):
 
 * the image is resized like the pixel embedder (antialiased bilinear, RGB/255) to ``size`` whose height and width
-  are multiples of ``grid`` (native size when all images share it, rounded to the nearest multiple, else 64x64);
+  are multiples of ``grid`` (native size when all images share it and fit ``max_native``, rounded to the nearest
+  multiple, else 64x64);
 * the vector is the concatenation of the ``grid*grid`` tiles in row-major tile order, each tile flattened in HWC
   order and **divided by sqrt(tile_dim)** (tile_dim = 3 * tile_h * tile_w). Every tile therefore has the same length
   ``dim / tiles``, and the plain L2 distance between two tile slices is the RMS distance of Carlini et al.
@@ -44,10 +45,12 @@ def tiled_l2(a, b, tiles: int = 16, *, pairwise: bool = True, chunk: int = 1024)
             ``rows * nb * tiles`` float64 intermediates stay under ~256 MB).
 
     Returns:
-        float32 distances (>= 0), computed in float64.
+        float32 distances (>= 0), computed in float64 chunk by chunk (pairwise mode holds ``b`` in float64).
     """
-    a = np.atleast_2d(np.asarray(a, dtype=np.float64))
-    b = np.atleast_2d(np.asarray(b, dtype=np.float64))
+    a = np.atleast_2d(np.asarray(a))
+    b = np.atleast_2d(np.asarray(b))
+    if a.ndim != 2 or b.ndim != 2:
+        raise ValueError(f"tiled_l2: a and b must be 2-D (n, dim); got shapes {a.shape} and {b.shape}")
     tiles = int(tiles)
     if tiles < 1:
         raise ValueError(f"tiles={tiles!r}: must be a positive int (grid*grid, e.g. 16)")
@@ -65,15 +68,17 @@ def tiled_l2(a, b, tiles: int = 16, *, pairwise: bool = True, chunk: int = 1024)
         out = np.empty(len(a), np.float32)
         step = max(1, (1 << 22) // max(1, dim))  # ~32 MB of float64 differences per chunk
         for s in range(0, len(a), step):
-            d2 = ((at[s : s + step] - bt[s : s + step]) ** 2).sum(axis=2)
+            diff = at[s : s + step].astype(np.float64) - bt[s : s + step]
+            d2 = (diff**2).sum(axis=2)
             out[s : s + step] = np.sqrt(d2.max(axis=1))
         return out
     out = np.empty((len(a), len(b)), np.float32)
+    bt = bt.astype(np.float64)
     bn = (bt**2).sum(axis=2)  # (nb, T)
     bt_t = np.ascontiguousarray(bt.transpose(1, 2, 0))  # (T, L, nb)
     step = max(1, min(int(chunk), (1 << 25) // max(1, tiles * len(b))))  # ~256 MB of float64 per chunk at most
     for s in range(0, len(a), step):
-        ac = at[s : s + step]  # (c, T, L)
+        ac = at[s : s + step].astype(np.float64)  # (c, T, L)
         an = (ac**2).sum(axis=2)  # (c, T)
         cross = np.matmul(ac.transpose(1, 0, 2), bt_t)  # (T, c, nb)
         d2 = an.T[:, :, None] + bn.T[:, None, :] - 2.0 * cross  # (T, c, nb)
@@ -86,21 +91,24 @@ class TiledEmbedder(PixelEmbedder):
 
     Args:
         grid: tiles per side (4 -> 16 tiles).
-        size: side or (h, w), multiples of ``grid``; None: native size (rounded) when shared, else 64x64.
+        size: side or (h, w), multiples of ``grid``; None: native size (rounded) when shared and at most
+            ``max_native`` (128), else 64x64.
     """
 
     metric = "l2"
     default_threshold = None
     kind = "tiled"
 
-    def __init__(self, grid: int = 4, size=None, *, batch_size: int = 256, device: str | None = None) -> None:
+    def __init__(
+        self, grid: int = 4, size=None, *, max_native: int = 128, batch_size: int = 256, device: str | None = None
+    ) -> None:
         try:
             self.grid = int(grid)
         except (TypeError, ValueError):
             raise ValueError(f"grid={grid!r}: expected a positive int (tiles per side)") from None
         if self.grid < 1:
             raise ValueError(f"grid={grid!r}: expected a positive int (tiles per side)")
-        super().__init__(size, batch_size=batch_size, device=device)
+        super().__init__(size, max_native=max_native, batch_size=batch_size, device=device)
         if self.size is not None and (self.size[0] % self.grid or self.size[1] % self.grid):
             raise ValueError(f"size={size!r}: height and width must be multiples of grid={self.grid}")
 

@@ -1,0 +1,69 @@
+"""accelerate loops (the diffusers example training scripts): stop at memorization onset, on every process.
+
+Call :func:`check_after_save` on **every** process right after the block that runs
+``accelerator.save_state(save_path)`` (in ``train_unconditional.py`` that block sits inside
+``if accelerator.is_main_process:``; put the call after it, at the same indentation as that ``if``)::
+
+    if check_after_save(accelerator, monitor, global_step, model, noise_scheduler, ema_model=ema_model):
+        break
+
+The main process evaluates the model (its EMA weights when ``ema_model`` is given) with the monitor; the processes
+then agree through ``accelerator.set_trigger()`` / ``accelerator.check_trigger()`` (a collective: every process
+must reach it, which is why the call must not sit inside ``if accelerator.is_main_process:``). accelerate itself
+is never imported here: any object with ``is_main_process``, ``set_trigger``, ``check_trigger`` and
+``unwrap_model`` works.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+
+__all__ = ["check_after_save"]
+
+
+def check_after_save(accelerator: Any, monitor, step: int, model: Any, scheduler: Any = None, *,
+                     ema_model: Any = None) -> bool:
+    """Evaluate ``model`` at ``step`` on the main process and return, on every process, whether training must stop
+    (memorization onset confirmed).
+
+    Steps that are not a multiple of ``monitor.every_n_steps`` return ``monitor.stopped`` at once, with no
+    communication (every process applies the same test, so they all skip or all synchronise). Build the monitor
+    with ``every_n_steps=args.checkpointing_steps`` (or a multiple) so each saved checkpoint is the one evaluated.
+    ``model``: the (possibly DDP-wrapped) UNet, unwrapped with ``accelerator.unwrap_model``, or a pipeline.
+    ``scheduler``: the training noise scheduler (needed for a bare UNet unless the monitor has one).
+    ``ema_model``: a diffusers ``EMAModel``; its weights are swapped in for the evaluation (``store`` /
+    ``copy_to`` / ``restore``), i.e. the weights saved as ``checkpoint-N/unet_ema`` are the ones evaluated.
+    """
+    for name in ("is_main_process", "set_trigger", "check_trigger"):
+        if not hasattr(accelerator, name):
+            raise TypeError(f"check_after_save: accelerator={type(accelerator).__name__} has no {name!r}; "
+                            "pass the accelerate.Accelerator of the training loop")
+    step = int(step)
+    if step % monitor.every_n_steps:
+        return bool(monitor.stopped)
+    if accelerator.is_main_process and monitor.due(step):
+        net = accelerator.unwrap_model(model) if hasattr(accelerator, "unwrap_model") else model
+        if ema_model is not None:
+            params = list(net.parameters())
+            ema_model.store(params)
+            ema_model.copy_to(params)
+            try:
+                stop = monitor.update(step, net, scheduler=scheduler)
+            finally:
+                ema_model.restore(params)
+        else:
+            stop = monitor.update(step, net, scheduler=scheduler)
+        if stop:
+            accelerator.set_trigger()
+    elif accelerator.is_main_process and monitor.stopped:
+        accelerator.set_trigger()  # e.g. resumed after onset: keep telling the other processes
+    if bool(accelerator.check_trigger()):
+        if not monitor.stopped:
+            monitor.stopped = True  # non-main processes learn the decision here
+        if accelerator.is_main_process:
+            log.warning("diffaudit: memorization onset confirmed (step %s); stopping training at step %d",
+                        monitor.onset_step, step)
+        return True
+    return False
