@@ -60,13 +60,14 @@ def one_third_rule(samples_u8: np.ndarray, train_u8: np.ndarray, threshold: floa
 
 def run_size(n_train: int, args, root: Path) -> dict:
     out = root / f"n{n_train}"
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     run = train_digits_ddpm(
         out, n_train=n_train, steps=args.steps, checkpoint_every=args.every, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, image_size=args.image_size, num_train_timesteps=args.timesteps,
         beta_schedule=args.beta_schedule, device="cpu", num_threads=args.threads, progress=args.progress,
     )
     train_total = time.perf_counter() - t0
+    train_cpu = time.process_time() - c0  # = wall time on an idle machine with 1 thread; robust to other load
     from diffusers import DDPMScheduler, UNet2DModel
 
     cfg = DDPMScheduler.from_pretrained(run.run_dir / "scheduler").config
@@ -89,6 +90,7 @@ def run_size(n_train: int, args, root: Path) -> dict:
         "n_train": n_train,
         "train_seconds": run.train_seconds,
         "train_total_seconds": train_total,
+        "train_cpu_seconds": train_cpu,
         "sample_seconds_per_checkpoint": t_sample / len(rows),
         "curve": rows,
     }
@@ -124,7 +126,8 @@ def main(argv=None) -> None:
     settings = {k: v for k, v in vars(args).items() if k not in ("json", "out", "progress")}
     report = {"settings": settings, "torch_threads": torch.get_num_threads(), "runs": results}
     for r in results:
-        print(f"n={r['n_train']}: training {r['train_seconds']:.1f} s ({r['train_total_seconds']:.1f} s incl. setup), "
+        print(f"n={r['n_train']}: training {r['train_seconds']:.1f} s wall ({r['train_total_seconds']:.1f} s incl. setup, "
+              f"{r['train_cpu_seconds']:.1f} s CPU), "
               f"sampling {r['sample_seconds_per_checkpoint']:.2f} s/checkpoint; fraction by step: "
               + " ".join(f"{c['step']}:{c['fraction']:.2f}" for c in r["curve"]))
     path = Path(args.json) if args.json else (

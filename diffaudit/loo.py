@@ -211,7 +211,13 @@ def _match_runs(runs: Any, manifest: FoldManifest) -> list[tuple[str, Any]]:
     elif isinstance(runs, (str, os.PathLike)):
         given = [(str(runs), runs)]
     else:
-        given = [(str(getattr(r, "root", r)), r) for r in runs]
+        from .checkpoints import CheckpointRun
+
+        given = [(str(r.root) if isinstance(r, CheckpointRun) else str(r), r) for r in runs]
+        bad = [r for r in runs if not isinstance(r, (str, os.PathLike, CheckpointRun))]
+        if bad:
+            raise TypeError(f"runs: a list must hold run folders or CheckpointRuns; got {type(bad[0]).__name__} "
+                            "(pass models as a dict {manifest key: model})")
     matched: dict[str, Any] = {}
     for label, obj in given:
         cands = [k for k in keys if k == label]

@@ -18,7 +18,9 @@ the first time it returns a step. Missing lower bounds (``None``/NaN: not comput
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
 
@@ -133,10 +135,7 @@ def recommend_checkpoint(steps: Sequence[int], onset_step: Optional[int],
 # ---------------------------------------------------------------------------------------------------------------
 # MemorizationMonitor: the training-time monitor (framework-free; Lightning / accelerate glue in integrations/)
 
-import logging as _logging
-import os as _os
-
-_log = _logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
 
 #: ``state_dict()`` format tag (bumped when the layout changes)
 STATE_FORMAT = "diffaudit.MemorizationMonitor/1"
@@ -148,7 +147,7 @@ _LOSS_CACHE_BYTES = 256 * 2**20
 def _env_rank() -> Optional[int]:
     """This process's rank from the launcher's environment (torchrun, accelerate, Lightning), None when unset."""
     for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
-        v = _os.environ.get(key)
+        v = os.environ.get(key)
         if v is not None and v.strip().lstrip("-").isdigit():
             return int(v)
     return None
@@ -291,7 +290,7 @@ class MemorizationMonitor:
             return images
         if isinstance(images, np.ndarray):
             return ImageSet.from_arrays(images)
-        if isinstance(images, (str, _os.PathLike)):
+        if isinstance(images, (str, os.PathLike)):
             from pathlib import Path
 
             if not Path(images).is_dir():

@@ -34,7 +34,7 @@ def _brute_auc(t, h):
 
 
 def test_memorizing_model_separates_train_from_heldout(sched):
-    train, held = _digits(60, 60)
+    train, held = _digits(40, 40)
     res = membership_scores(OptimalDenoiser(train, sched), train, held, scheduler=sched, noise_draws=2)
     assert res.auc > 0.95
     scores = np.array([im.score for im in res.images])
@@ -78,8 +78,8 @@ def test_noise_follows_the_image_id_not_its_position(sched):
 
 
 def test_run_folder_all_checkpoints_and_pipeline(tmp_path, sched):
-    """A diffusers-layout run: every checkpoint scored with the run's scheduler; 8x8 grey images resized to the
-    model's 16x16 RGB; losses equal a direct computation on an independently loaded UNet."""
+    """A diffusers-layout run: every checkpoint scored with the run's scheduler; losses equal a direct computation
+    on an independently loaded UNet; a pipeline object works too; 8x8 grey images are brought to 16x16 RGB."""
     from diffusers import DDPMPipeline
 
     from diffaudit.checkpoints import discover_checkpoints, load_unet
@@ -88,7 +88,7 @@ def test_run_folder_all_checkpoints_and_pipeline(tmp_path, sched):
     train, held = _digits(12, 12)
     rgb16 = lambda a: np.repeat(a.repeat(2, 1).repeat(2, 2), 3, axis=3)  # noqa: E731
     run = write_tiny_run(tmp_path / "run", images=rgb16(train), steps=(1, 2), ema=False)
-    res = membership_scores(run, train, held, checkpoint="all", noise_draws=1, device="cpu")
+    res = membership_scores(run, rgb16(train), rgb16(held), checkpoint="all", noise_draws=1, device="cpu")
     assert [c.step for c in res.checkpoints] == [1, 2]
     assert all(0.0 <= c.auc <= 1.0 for c in res.checkpoints)
     assert set(res.images[0].loss_by_step) == {"1", "2"}
@@ -97,13 +97,12 @@ def test_run_folder_all_checkpoints_and_pipeline(tmp_path, sched):
     direct = denoising_losses(unet, sch, rgb16(train), timesteps=(100,), noise_draws=1, seed=0,
                               indices=[noise_index(f"{i:06d}") for i in range(12)])
     np.testing.assert_allclose([im.loss_by_step["2"] for im in res.images], direct, rtol=1e-5)
-    one = membership_scores(run, train, held, checkpoint=2, noise_draws=1, device="cpu")
-    np.testing.assert_allclose([im.loss for im in one.images], direct, rtol=1e-5)
-    # the final pipeline folder, and a pipeline object
+    # the pipeline object (root = final weights = checkpoint-2); grey 8x8 input is resized, not refused
     pipe = DDPMPipeline.from_pretrained(run)
-    viaobj = membership_scores(pipe, train, held, noise_draws=1)
-    assert viaobj.checkpoints[0].auc == pytest.approx(membership_scores(run, train, held, noise_draws=1,
-                                                                        device="cpu").auc)
+    viaobj = membership_scores(pipe, rgb16(train), rgb16(held), noise_draws=1)
+    np.testing.assert_allclose([im.loss for im in viaobj.images], direct, rtol=1e-5)
+    small = membership_scores(pipe, train, held, noise_draws=1)
+    assert len(small.images) == 12 and 0.0 <= small.auc <= 1.0
 
 
 def test_errors_name_the_argument(tmp_path, sched):
@@ -125,7 +124,7 @@ def test_errors_name_the_argument(tmp_path, sched):
         membership_scores(model, train, tmp_path / "nope", scheduler=sched)
     run = write_tiny_run(tmp_path / "run", steps=(1,), ema=False, final_pipeline=False)
     with pytest.raises(ValueError, match=r"steps: \[1\]"):
-        membership_scores(run, train, held, checkpoint=7, device="cpu")
+        membership_scores(run, train, held, checkpoint=7, device="cpu", scheduler="ddpm")
 
 
 def test_json_roundtrip_and_csv(tmp_path, sched):

@@ -14,7 +14,7 @@ import torch
 from conftest import digits_rgb
 from diffusers import DDPMScheduler
 
-from diffaudit.monitor import MemorizationMonitor, OnsetRule
+from diffaudit.monitor import MemorizationMonitor
 from diffaudit.sampling import CheckpointSampler
 from diffaudit.testing import GaussianDenoiser, OptimalDenoiser
 

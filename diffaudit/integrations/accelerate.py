@@ -16,7 +16,7 @@ is never imported here: any object with ``is_main_process``, ``set_trigger``, ``
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any
 
 log = logging.getLogger(__name__)
 

@@ -415,8 +415,10 @@ class Chart:
 
 
 def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    if hi <= lo:
-        hi = lo + 1.0
+    # ranges below ~1e-9 (e.g. a closed-form model's loss of 1e-14) would round every tick to the same value
+    span = max(abs(lo), abs(hi), 1.0) * 1e-9
+    if hi - lo < span:
+        hi = lo + max(span, 1e-9) if hi > lo else lo + 1.0
     raw = (hi - lo) / n
     mag = 10 ** math.floor(math.log10(raw))
     step = mag

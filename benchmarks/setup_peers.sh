@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Build the separate benchmark environment for benchmarks/bench_peers.py: the peer duplicate finders
+# (imagededup, cleanvision) next to diffaudit, in their own venv so that they never enter diffaudit's dependencies.
+#
+#   bash benchmarks/setup_peers.sh [VENV]      # default VENV: /work/peers-venv (or $PEERS_VENV)
+#
+# then:  VENV/bin/python benchmarks/bench_peers.py
+#
+# torch/torchvision are pinned to the versions diffaudit's own venv uses, installed first so that the peers'
+# requirements do not pull another torch. A peer that fails to install is reported and skipped: bench_peers.py
+# lists it as "not installed" with the reason recorded in VENV/peers-install.log.
+set -u
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(dirname "$HERE")"
+VENV="${1:-${PEERS_VENV:-/work/peers-venv}}"
+TORCH="${TORCH_VERSION:-2.14.1}"
+TORCHVISION="${TORCHVISION_VERSION:-0.29.1}"
+
+set -e
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+"$PY" -m pip install --upgrade pip >/dev/null
+"$PY" -m pip install "torch==$TORCH" "torchvision==$TORCHVISION"
+"$PY" -m pip install -e "$REPO"
+set +e
+
+LOG="$VENV/peers-install.log"
+: > "$LOG"
+for peer in imagededup cleanvision; do
+  echo "== installing $peer" | tee -a "$LOG"
+  if "$PY" -m pip install "$peer" >>"$LOG" 2>&1; then
+    echo "$peer: installed" | tee -a "$LOG"
+  else
+    echo "$peer: FAILED to install (see $LOG)" | tee -a "$LOG"
+  fi
+done
+"$PY" - <<'EOF'
+import importlib
+for name in ("diffaudit", "imagededup", "cleanvision"):
+    try:
+        m = importlib.import_module(name)
+        print(f"{name} {getattr(m, '__version__', '?')}: importable")
+    except Exception as e:  # report, do not fail: the benchmark skips a missing peer
+        print(f"{name}: NOT importable ({type(e).__name__}: {e})")
+EOF
