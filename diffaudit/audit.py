@@ -109,8 +109,13 @@ class AuditConfig:
             raise FileNotFoundError(f"config={str(p)!r}: no such file")
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"config={str(p)!r}: not valid YAML ({e})") from None
+        except yaml.YAMLError as e:  # one line: the problem and where (PyYAML's own text spans several lines)
+            mark = getattr(e, "problem_mark", None)
+            what = getattr(e, "problem", None) or " ".join(str(e).split())
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            hint = ("; configs are read with yaml.safe_load, which never constructs Python objects"
+                    if isinstance(e, yaml.constructor.ConstructorError) else "")
+            raise ValueError(f"config={str(p)!r}: not valid YAML ({what}{at}){hint}") from None
         if not isinstance(data, dict):
             raise ValueError(f"config={str(p)!r}: expected a mapping of keys, got {type(data).__name__}")
         return cls.from_dict(data, where=str(p))

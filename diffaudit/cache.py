@@ -111,7 +111,7 @@ class EmbeddingCache:
         d = self.dir_for(embedder_name)
         try:
             names = os.listdir(d)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no cache yet (check_writable reports unusable paths)
             return []
         return sorted(d / n for n in names if n.endswith(".npz") and not n.startswith("."))
 

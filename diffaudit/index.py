@@ -199,7 +199,8 @@ class EmbeddingIndex:
     def from_shards(cls, paths: Sequence[str | os.PathLike], **kw) -> "EmbeddingIndex":
         """One index over several shards, in the given order (row ``i`` of the result = the i-th vector overall).
 
-        A shard is a folder written by :meth:`save`, an ``.npy`` file of vectors, or an ``.npz`` file with a
+        A shard is a folder written by :meth:`save`, an ``.npy`` file of vectors (ids and metric from a ``.json``
+        beside it when there is one, as :func:`diffaudit.distributed.embed_ray` writes), or an ``.npz`` file with a
         ``vectors`` array and optionally ``ids`` (or ``keys``). The dimension and (for saved indexes) the metric come
         from the first shard unless given in ``kw``.
         """
@@ -560,6 +561,15 @@ def _read_shard(p: Path) -> tuple[np.ndarray, list[str] | None, str | None]:
     if not p.is_file():
         raise FileNotFoundError(f"from_shards: no such shard: {str(p)!r}")
     if p.suffix == ".npy":
+        side = p.with_suffix(".json")  # a diffaudit.distributed shard: ids + metric beside the vectors
+        if side.is_file():
+            meta = json.loads(side.read_text(encoding="utf-8"))
+            if isinstance(meta, dict) and isinstance(meta.get("ids"), list):
+                vec = np.load(p, mmap_mode="r")
+                if len(meta["ids"]) != len(vec):
+                    raise ValueError(f"from_shards: {str(side)!r} lists {len(meta['ids'])} ids for {len(vec)} "
+                                     f"vectors in {str(p)!r}")
+                return vec, [str(i) for i in meta["ids"]], meta.get("metric")
         return np.load(p, mmap_mode="r"), None, None
     if p.suffix == ".npz":
         with np.load(p, allow_pickle=False) as z:

@@ -296,6 +296,11 @@ class LooResult(JsonMixin):
     loss_ids: list[str] = field(default_factory=list)  # row ids of `losses`
     seconds: float = 0.0
 
+    @property
+    def scores(self) -> dict[str, Optional[float]]:
+        """``{training id: loo_score}`` (None when unscored) - e.g. for ``ImageRisk.loo_score``."""
+        return {im.id: im.loo_score for im in self.images}
+
     def counts(self) -> dict[str, int]:
         out = {lab: 0 for lab in LABELS}
         for im in self.images:
@@ -843,7 +848,7 @@ def train_fold_runs(
             key = f"runs/fold-{j}"
             runs[key] = [train_ids[r] for r in rows]
             run_dirs.append(run_dir)
-            log.info("fold %d: %d images, %d steps, final batch loss %.4f", j, len(rows), steps, float(loss))
+            log.info("fold %d: %d images, %d steps, final batch loss %.4f", j, len(rows), steps, float(loss.detach()))
     finally:
         torch.set_num_threads(old_threads)
         if bar is not None:

@@ -534,7 +534,11 @@ class MemorizationMonitor:
         if num_t is not None and any(t >= int(num_t) for t in self.loss_timesteps):
             raise ValueError(f"MemorizationMonitor: loss_timesteps={list(self.loss_timesteps)} must be < the "
                              f"scheduler's num_train_timesteps={num_t}")
-        lp = loss_pass(net, sched, self._loss_data(), cfg, device=device)
+        try:
+            lp = loss_pass(net, sched, self._loss_data(), cfg, device=device)
+        except FloatingPointError as e:  # NaN/inf model outputs: no loss this evaluation; sampling still counts
+            _log.warning("step %s: denoising loss not computed (%s)", cr.step, e)
+            return
         if lp is None:
             return
         _, tl, hl = lp

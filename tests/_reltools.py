@@ -28,8 +28,12 @@ def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
+_BAR = re.compile(r"\d+/\d+ +(\d+:)?\d+:\d\d\s*$")  # a rich progress line: "... 3/8 0:00:01"
+
+
 def error_lines(output: str) -> list[str]:
-    return [ln for ln in output.splitlines() if ln.strip() and "━" not in ln]
+    """Output lines that are not progress bars (the error message must be exactly one of them)."""
+    return [ln for ln in output.splitlines() if ln.strip() and "━" not in ln and not _BAR.search(ln)]
 
 
 class _Text(HTMLParser):
@@ -78,7 +82,8 @@ def save_pngs(folder: Path, images: np.ndarray, prefix: str = "img") -> Path:
 
 # A child process calling audit(). argv[1]: JSON of audit() keyword arguments, plus "embed_batch" (pixel embedder
 # batch size). Environment hooks only slow things down (the numbers are unchanged), so a kill can land mid-phase:
-# DA_FLUSH (cache shard every N images), DA_EMBED_DELAY (s per embedded batch), DA_SAMPLE_DELAY (s per checkpoint).
+# DA_FLUSH (cache shard every N images), DA_EMBED_DELAY (s per embedded batch), DA_SAMPLE_DELAY (s per checkpoint);
+# DA_READY / DA_GO: a start barrier (write READY, wait for GO).
 AUDIT_SCRIPT = r"""
 import json, logging, os, sys, time
 import torch
@@ -103,6 +108,11 @@ def sample(self, model, *a, **kw):
 PixelEmbedder.embed_batch = embed_batch
 CheckpointSampler.sample = sample
 from diffaudit.audit import audit
+import diffaudit.checkpoints, diffaudit.data, diffusers  # imported before the start line below
+if os.environ.get("DA_READY"):  # start barrier: say ready, wait for the go file (concurrent runs start together)
+    open(os.environ["DA_READY"], "w").close()
+    while not os.path.exists(os.environ["DA_GO"]):
+        time.sleep(0.005)
 kw = json.loads(sys.argv[1])
 bs = kw.pop("embed_batch", 256)
 audit(embedders=[PixelEmbedder(batch_size=bs)], **kw)

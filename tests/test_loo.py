@@ -268,57 +268,59 @@ def test_json_csv_html_outputs(tmp_path, sched):
     assert "http://" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "")
 
 
-def test_cli_and_run_folders(tmp_path):
-    """Real run folders (tiny UNets) found by folder name, by manifest path, and through `diffaudit loo`."""
-    from PIL import Image
+@pytest.fixture(scope="module")
+def fold_runs(tmp_path_factory):
+    """Two real fold runs of the demo UNet (1 optimizer step each) with their manifest."""
+    return train_fold_runs(tmp_path_factory.mktemp("folds"), 2, n_train=8, steps=1, n_heldout=4, device="cpu",
+                           num_threads=1)
+
+
+def test_train_fold_runs_writes_a_valid_manifest(fold_runs, tmp_path):
+    from diffaudit.checkpoints import discover_checkpoints
+    from diffaudit.loo import _fold_assignment
+
+    fr = fold_runs
+    man = FoldManifest.load(fr.manifest)
+    assert sorted(man.runs) == ["runs/fold-0", "runs/fold-1"] and man.meta["scheme"] == "half"
+    # scheme "half" with k=2: complementary halves, every image in exactly one run
+    a, b = (set(man.runs[k]) for k in sorted(man.runs))
+    assert not a & b and a | b == set(fr.train_ids) and len(fr.train_ids) == 8
+    assert sorted(p.name for p in fr.train_dir.iterdir()) == sorted(fr.train_ids)
+    for d in fr.run_dirs:
+        run = discover_checkpoints(d)
+        assert run.steps[0] == 1 and run.scheduler is not None
+    rng = np.random.default_rng(0)
+    half = _fold_assignment(10, 5, "half", rng)
+    assert (half.sum(1) == 2).all()  # every image in exactly k // 2 runs
+    kfold = _fold_assignment(9, 3, "kfold", rng)
+    assert (kfold.sum(1) == 2).all() and sorted(kfold.sum(0)) == [6, 6, 6]  # left out of exactly one run
+    with pytest.raises(ValueError, match="scheme"):
+        train_fold_runs(tmp_path / "x", 2, scheme="random")
+    with pytest.raises(ValueError, match="k=1"):
+        train_fold_runs(tmp_path / "x", 1)
+
+
+def test_cli_and_run_folders(fold_runs, tmp_path):
+    """Real run folders found by the manifest's paths, by folder name, and through `diffaudit loo`."""
     from typer.testing import CliRunner
 
     from diffaudit.cli import app
-    from diffaudit.testing import write_tiny_run
 
-    x, ids, seen, _ = _setup(0)
-    x, ids = x[:8], ids[:8]
-    (tmp_path / "train").mkdir()
-    for i, a in zip(ids, x):
-        Image.fromarray(a[..., 0]).save(tmp_path / "train" / i)
-    rgb16 = np.repeat(x.repeat(2, 1).repeat(2, 2), 3, axis=3)
-    folds = {"runs/a": ids[:4], "runs/b": ids[4:]}
-    write_tiny_run(tmp_path / "runs" / "a", images=rgb16[:4], steps=(1,), ema=False)
-    write_tiny_run(tmp_path / "runs" / "b", images=rgb16[4:], steps=(1,), ema=False)
-    write_manifest(tmp_path / "folds.json", folds, meta={"note": "test"})
-
-    by_manifest = loo_scores(None, tmp_path / "folds.json", tmp_path / "train", noise_draws=1, device="cpu")
-    by_name = loo_scores([tmp_path / "runs" / "b", tmp_path / "runs" / "a"], tmp_path / "folds.json",
-                         tmp_path / "train", noise_draws=1, device="cpu")
-    assert [r.name for r in by_name.runs] == ["runs/a", "runs/b"]
+    fr = fold_runs
+    by_manifest = loo_scores(None, fr.manifest, fr.train_dir, noise_draws=1, device="cpu")
+    assert len(by_manifest.images) == 8 and all(im.n_in == 1 and im.n_out == 1 for im in by_manifest.images)
+    b, a = fr.run_dirs[1], fr.run_dirs[0]
+    by_name = loo_scores([b, a], fr.manifest, fr.train_dir, noise_draws=1, device="cpu")
+    assert [r.name for r in by_name.runs] == ["runs/fold-0", "runs/fold-1"]
     assert [im.loo_score for im in by_name.images] == [im.loo_score for im in by_manifest.images]
-    assert all(im.n_in == 1 and im.n_out == 1 for im in by_manifest.images)
 
     out = tmp_path / "out"
-    res = CliRunner().invoke(app, ["loo", "--runs", str(tmp_path / "runs" / "a"), "--runs",
-                                   str(tmp_path / "runs" / "b"), "--manifest", str(tmp_path / "folds.json"),
-                                   "--train", str(tmp_path / "train"), "--out", str(out), "--noise-draws", "1",
+    res = CliRunner().invoke(app, ["loo", "--runs", str(a), "--runs", str(b), "--manifest", str(fr.manifest),
+                                   "--train", str(fr.train_dir), "--out", str(out), "--noise-draws", "1",
                                    "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert {p.name for p in out.iterdir()} >= {"loo.json", "loo.csv", "loo.html"}
     assert LooResult.from_json(out / "loo.json").images[0].loo_score == by_manifest.images[0].loo_score
-    res = CliRunner().invoke(app, ["loo", "--runs", str(tmp_path / "runs" / "a"), "--manifest",
-                                   str(tmp_path / "folds.json"), "--train", str(tmp_path / "train"), "--out",
-                                   str(out)])
+    res = CliRunner().invoke(app, ["loo", "--runs", str(a), "--manifest", str(fr.manifest), "--train",
+                                   str(fr.train_dir), "--out", str(out)])
     assert res.exit_code == 2 and "not given" in res.output and "Traceback" not in res.output
-
-
-def test_train_fold_runs_writes_a_valid_manifest(tmp_path):
-    fr = train_fold_runs(tmp_path, 2, n_train=8, steps=2, n_heldout=4, device="cpu")
-    man = FoldManifest.load(fr.manifest)
-    assert sorted(man.runs) == ["runs/fold-0", "runs/fold-1"]
-    # scheme "half" with k=2: complementary halves, every image in exactly one run
-    a, b = (set(man.runs[k]) for k in sorted(man.runs))
-    assert not a & b and a | b == set(fr.train_ids) and len(fr.train_ids) == 8
-    res = loo_scores(None, fr.manifest, fr.train_dir, noise_draws=1, device="cpu")
-    assert len(res.images) == 8 and all(im.n_in == 1 and im.n_out == 1 for im in res.images)
-    kf = train_fold_runs(tmp_path / "kf", 3, n_train=9, steps=1, n_heldout=2, scheme="kfold", device="cpu")
-    counts = {i: sum(i in v for v in FoldManifest.load(kf.manifest).runs.values()) for i in kf.train_ids}
-    assert set(counts.values()) == {2}  # each image left out of exactly one of the 3 runs
-    with pytest.raises(ValueError, match="scheme"):
-        train_fold_runs(tmp_path / "x", 2, scheme="random")

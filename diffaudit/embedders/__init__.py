@@ -165,6 +165,8 @@ def embed(
     cache: bool = True,
     progress: bool = False,
     batch_size: int | None = None,
+    backend: str = "local",
+    backend_options: dict | None = None,
 ) -> Embeddings:
     """Embed every image of an ImageSet, reusing cached vectors.
 
@@ -183,6 +185,10 @@ def embed(
             so a re-run gives identical numbers.
         progress: show a rich progress bar.
         batch_size: images per batch (default: the embedder's ``batch_size``).
+        backend: ``"local"`` (this process) or ``"ray"`` (Ray Data actors, extra ``diffaudit[ray]``; see
+            :mod:`diffaudit.distributed`: vectors come back float16-rounded, and are cached like local ones).
+        backend_options: Ray options (``address``, ``num_workers``, ``num_gpus_per_worker``, ...; see
+            :func:`diffaudit.distributed.embed_missing_ray`).
 
     Returns:
         Embeddings in ImageSet order; images that failed to decode are absent from ``ids`` and listed in
@@ -194,6 +200,10 @@ def embed(
         images = ImageSet.from_arrays(images)
     if not hasattr(images, "iter_batches") or not hasattr(images, "ids"):
         raise TypeError(f"images={type(images).__name__}: expected an ImageSet (or a uint8 NHWC / NHW array)")
+    if backend not in ("local", "ray"):
+        raise ValueError(f"backend={backend!r}: allowed values are 'local' and 'ray'")
+    if backend_options and backend == "local":
+        raise ValueError(f"backend_options={sorted(backend_options)} need backend='ray'")
     emb = get_embedder(embedder)
     bs = int(batch_size or getattr(emb, "batch_size", 64) or 64)
     if bs < 1:
@@ -226,7 +236,14 @@ def embed(
             log.info("%s: %d/%d vectors from the cache", name, int(found.sum()), n)
 
     missing = np.flatnonzero(~done)
-    if len(missing):
+    if len(missing) and store is not None and hasattr(store, "check_writable"):
+        store.check_writable(name)  # an unwritable cache fails now, with its path, not after the first shard's work
+    if len(missing) and backend == "ray":
+        from ..distributed import embed_missing_ray
+
+        out = embed_missing_ray(images, emb, embedder, ids, missing, out, done, store, keys, name, bs, progress,
+                                backend_options, flush_every=CACHE_FLUSH_EVERY)
+    elif len(missing):
         out = _embed_missing(images, emb, ids, missing, out, done, store, keys, name, bs, progress)
 
     keep = np.flatnonzero(done)
