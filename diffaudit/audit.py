@@ -725,6 +725,8 @@ def _checkpoint_id(run, ckpt) -> str:
 
     ident = run.identity(ckpt) if hasattr(run, "identity") else (checkpoint_hash(ckpt) if ckpt.weights else ckpt.path)
     sched = dict(run.scheduler.config) if getattr(run, "scheduler", None) is not None else None
+    if sched is not None:  # diffusers fills this list from a set: its order changes with PYTHONHASHSEED (no resume)
+        sched.pop("_use_default_values", None)
     blob = json.dumps({"scheduler": sched, "checkpoint": ident}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 

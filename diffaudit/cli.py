@@ -320,6 +320,43 @@ def loo_cmd(
     out.print(f"report: {paths['html']}", highlight=False, markup=False, soft_wrap=True)
 
 
+@app.command()
+@_guard
+def demo(
+    out_dir: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Output folder."),
+    quick: bool = typer.Option(False, "--quick", help="Shorter training (about a minute per run) for a first look."),
+    folds: int = typer.Option(0, "--folds", min=0, help="Also train K fold runs and show leave-one-out scores (off: 0)."),
+    seed: int = typer.Option(0, help="Seed for data split, training and sampling."),
+) -> None:
+    """The embedded default: train a tiny DDPM on digits (small set memorizes, large set does not), monitor, audit."""
+    from rich.table import Table
+
+    from .demo import run_demo
+
+    out_dir = _check_out_dir(out_dir)
+    res = run_demo(out_dir, quick=quick, seed=seed, progress=True, log=lambda m: console.print(m, highlight=False, markup=False))
+    table = Table(title="diffaudit demo")
+    for col in ("run", "train images", "memorized (last ckpt)", "audit onset", "monitor flagged", "keep", "monitor cost"):
+        table.add_column(col)
+    for label, r in res.audits.items():
+        sig = r.checkpoints[-1].onset_signal if r.checkpoints else None
+        run = res.runs[label]
+        table.add_row(
+            label, str(len(run.train_ids)), f"{sig.value:.0%}" if sig else "-",
+            str(r.onset_step) if r.onset_step is not None else "none",
+            str(res.monitor_onset[label]) if res.monitor_onset[label] is not None else "none",
+            str(r.onset.recommended_step),
+            f"{res.monitor_seconds[label] / max(run.train_seconds, 1e-9):.1%} of training",
+        )
+    out.print(table)
+    if folds:
+        from .loo import fold_demo
+
+        fold_demo(out_dir / "loo-demo", folds, seed=seed, progress=True)
+        out.print(f"leave-one-out scores: {out_dir / 'loo-demo' / 'loo' / 'loo.html'}")
+    out.print(f"open {res.index_html}")
+
+
 def main() -> None:
     app()
 

@@ -443,6 +443,10 @@ def embed_ray(
             if should_shutdown:
                 _import_ray().shutdown()
     paths = [out / f"{_shard_stem(s)}.npy" for s in starts]
+    for s in starts:  # decode failures of shards kept from an earlier run count as skipped too
+        if s not in todo:
+            for sid, why in json.loads((out / f"{_shard_stem(s)}.json").read_text(encoding="utf-8"))["skipped"]:
+                _record_skip(images, sid, why)
     skipped = _skipped_of(images)
     _atomic_write_json(out / "manifest.json", {
         "format": "diffaudit-shards", "version": _SHARD_VERSION, "embedder": name, "metric": metric, "dim": dim,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffaudit.loo import FoldManifest, LooResult, loo_scores, render_loo, train_fold_runs, write_manifest
+from diffaudit.loo import FoldManifest, LooResult, loo_scores, render_loo, train_fold_runs
 from diffaudit.membership import noise_index
 from diffaudit.metrics import denoising_losses
 from diffaudit.testing import OptimalDenoiser, _ClosedFormDenoiser, to_model_space
@@ -290,8 +290,11 @@ def test_train_fold_runs_writes_a_valid_manifest(fold_runs, tmp_path):
         run = discover_checkpoints(d)
         assert run.steps[0] == 1 and run.scheduler is not None
     rng = np.random.default_rng(0)
-    half = _fold_assignment(10, 5, "half", rng)
-    assert (half.sum(1) == 2).all()  # every image in exactly k // 2 runs
+    half = _fold_assignment(10, 6, "half", rng)
+    assert (half.sum(1) == 3).all() and (half.sum(0) == 5).all()  # each image in k // 2 runs, each run sees n / 2
+    assert all((half[:, 2 * p] ^ half[:, 2 * p + 1]).all() for p in range(3))  # complementary pairs
+    odd = _fold_assignment(9, 5, "half", rng)
+    assert set(odd.sum(1)) <= {2, 3} and (odd[:, 4].sum() == 4)
     kfold = _fold_assignment(9, 3, "kfold", rng)
     assert (kfold.sum(1) == 2).all() and sorted(kfold.sum(0)) == [6, 6, 6]  # left out of exactly one run
     with pytest.raises(ValueError, match="scheme"):
