@@ -290,8 +290,7 @@ class ReferenceSet:
             ref_dist = s_scores if emb.metric == "l2" else 1.0 - s_scores
             if getattr(emb, "distance", None) is not None and hasattr(emb, "tiles"):
                 # tiled L2: re-score the plain-L2 neighbours with the max-over-tiles distance, re-sort
-                vec = index.get_vectors(0, n)
-                tiled = np.stack([emb.distance(vec[i : i + 1], vec[s_idx[i]], pairwise=True)[0] for i in range(n)])
+                tiled = self._rescore(index, emb, index.get_vectors(0, n), s_idx)
                 order = np.argsort(tiled, axis=1, kind="stable")
                 s_scores = np.take_along_axis(tiled, order, 1).astype(np.float32)
                 s_idx = np.take_along_axis(s_idx, order, 1)
@@ -344,11 +343,20 @@ class ReferenceSet:
             return index.search(vectors, k=k)
         kk = min(max(k, rescore), index.ntotal)
         _, cand = index.search(vectors, k=kk)
-        train_vecs = index.get_vectors(0, index.ntotal)
-        scores = np.stack([emb.distance(vectors[i : i + 1], train_vecs[cand[i]], pairwise=True)[0]
-                           for i in range(len(vectors))]).astype(np.float32)
+        scores = ReferenceSet._rescore(index, emb, vectors, cand)
         order = np.argsort(scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(scores, order, 1), np.take_along_axis(cand, order, 1)
+
+    @staticmethod
+    def _rescore(index, emb, queries: np.ndarray, cand: np.ndarray, chunk: int = 1024) -> np.ndarray:
+        """Tiled-L2 distance of each query row to its candidate rows ``cand`` (n, kk) -> (n, kk) float32."""
+        n, kk = cand.shape
+        out = np.empty((n, kk), np.float32)
+        for s in range(0, n, chunk):
+            c = cand[s : s + chunk]
+            a = np.repeat(np.asarray(queries[s : s + chunk], np.float32), kk, axis=0)
+            out[s : s + chunk] = emb.distance(a, index.take(c).reshape(-1, index.dim), pairwise=False).reshape(c.shape)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
