@@ -1,7 +1,8 @@
 """Memorization curve of the embedded demo (diffaudit/demo.py), measured independently of the audit code.
 
 Trains the demo DDPM at two training-set sizes, then at every checkpoint draws ``--num-samples`` DDIM samples
-(``--ddim-steps`` steps, eta 0, the same initial noise at every checkpoint) and computes by brute-force numpy the
+(``--ddim-steps`` steps, eta 0, the same initial noise at every checkpoint) from the EMA weights (``unet_ema/``, what
+the audit reads by default) and from the raw weights (``unet/``), and computes by brute-force numpy the
 fraction passing Gu et al.'s (2023) 1/3 rule: d(nearest training image) / d(second nearest) < 1/3, pixel L2 on the
 uint8-quantised images scaled to [0, 1].
 
@@ -14,6 +15,7 @@ Writes JSON to benchmarks/results/demo_curve[-quick].json (or --json) and prints
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import tempfile
@@ -71,27 +73,35 @@ def run_size(n_train: int, args, root: Path) -> dict:
     from diffusers import DDPMScheduler, UNet2DModel
 
     cfg = DDPMScheduler.from_pretrained(run.run_dir / "scheduler").config
+    torch.set_num_threads(args.threads or 1)  # one thread: as fast at 8x8, and robust on a busy machine
     g = torch.Generator().manual_seed(12345)
     noise = torch.randn(args.num_samples, 1, args.image_size, args.image_size, generator=g)
     rows = []
     t_sample = 0.0
     for step, ckpt in zip(run.checkpoint_steps, run.checkpoint_dirs):
-        unet = UNet2DModel.from_pretrained(ckpt / "unet")
-        ts = time.perf_counter()
-        samples = ddim_samples(unet, cfg, noise, args.ddim_steps)
-        t_sample += time.perf_counter() - ts
-        r = one_third_rule(samples, run.train_images[..., 0])
+        subs = ["unet_ema", "unet"] if (ckpt / "unet_ema").is_dir() else ["unet"]
+        res = {}
+        for sub in subs:
+            unet = UNet2DModel.from_pretrained(ckpt / sub)
+            ts = time.perf_counter()
+            samples = ddim_samples(unet, cfg, noise, args.ddim_steps)
+            t_sample += time.perf_counter() - ts
+            res[sub] = one_third_rule(samples, run.train_images[..., 0])
+        r = dict(res[subs[0]])  # the weights the audit reads
+        r["weights"] = subs[0]
+        r["raw_fraction"] = res["unet"]["fraction"]
         r["step"] = step
         r["loss"] = float(run.losses[max(0, step - 100) : step].mean())
         rows.append(r)
         print(f"  n={n_train:5d} step {step:5d}  frac1/3 {r['fraction']:.3f}  frac1/2 {r['fraction_half']:.3f}  "
-              f"med ratio {r['median_ratio']:.3f}  med d1 {r['median_d1']:.3f}  loss {r['loss']:.4f}", flush=True)
+              f"med ratio {r['median_ratio']:.3f}  med d1 {r['median_d1']:.3f}  loss {r['loss']:.4f}  "
+              f"(raw weights: frac1/3 {r['raw_fraction']:.3f})", flush=True)
     return {
         "n_train": n_train,
         "train_seconds": run.train_seconds,
         "train_total_seconds": train_total,
         "train_cpu_seconds": train_cpu,
-        "sample_seconds_per_checkpoint": t_sample / len(rows),
+        "sample_seconds_per_checkpoint": t_sample / sum(2 if c["weights"] == "unet_ema" else 1 for c in rows),
         "curve": rows,
     }
 
@@ -107,7 +117,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=8)
     p.add_argument("--timesteps", type=int, default=1000)
-    p.add_argument("--beta-schedule", default="linear")
+    p.add_argument("--beta-schedule", default=inspect.signature(train_digits_ddpm).parameters["beta_schedule"].default)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--num-samples", type=int, default=128)
     p.add_argument("--ddim-steps", type=int, default=50)
@@ -129,7 +139,8 @@ def main(argv=None) -> None:
         print(f"n={r['n_train']}: training {r['train_seconds']:.1f} s wall ({r['train_total_seconds']:.1f} s incl. setup, "
               f"{r['train_cpu_seconds']:.1f} s CPU), "
               f"sampling {r['sample_seconds_per_checkpoint']:.2f} s/checkpoint; fraction by step: "
-              + " ".join(f"{c['step']}:{c['fraction']:.2f}" for c in r["curve"]))
+              + " ".join(f"{c['step']}:{c['fraction']:.2f}" for c in r["curve"])
+              + " | raw weights: " + " ".join(f"{c['raw_fraction']:.2f}" for c in r["curve"]))
     path = Path(args.json) if args.json else (
         Path(__file__).parent / "results" / ("demo_curve-quick.json" if args.quick else "demo_curve.json"))
     path.parent.mkdir(parents=True, exist_ok=True)

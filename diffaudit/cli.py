@@ -325,6 +325,9 @@ def loo_cmd(
 def demo(
     out_dir: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Output folder."),
     quick: bool = typer.Option(False, "--quick", help="Shorter training (about a minute per run) for a first look."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=10,
+                                        help="Training steps per run (default: 3000, or 1200 with --quick)."),
+    samples: int = typer.Option(128, "--samples", min=2, help="Samples per checkpoint in the audit."),
     folds: int = typer.Option(0, "--folds", min=0, help="Also train K fold runs and show leave-one-out scores (off: 0)."),
     seed: int = typer.Option(0, help="Seed for data split, training and sampling."),
 ) -> None:
@@ -334,7 +337,7 @@ def demo(
     from .demo import run_demo
 
     out_dir = _check_out_dir(out_dir)
-    res = run_demo(out_dir, quick=quick, seed=seed, progress=True, log=lambda m: console.print(m, highlight=False, markup=False))
+    res = run_demo(out_dir, quick=quick, steps=steps, num_samples=samples, seed=seed, progress=True, log=lambda m: console.print(m, highlight=False, markup=False))
     table = Table(title="diffaudit demo")
     for col in ("run", "train images", "memorized (last ckpt)", "audit onset", "monitor flagged", "keep", "monitor cost"):
         table.add_column(col)

@@ -10,11 +10,16 @@ layout of diffusers' ``examples/unconditional_image_generation/train_uncondition
       train_log.json             hyper-parameters, per-step loss, timings
       ddpm/                      run_dir
         checkpoint-250/unet/     config.json + diffusion_pytorch_model.safetensors (unet.save_pretrained)
-        checkpoint-500/unet/ ...
-        model_index.json         at the end: DDPMPipeline(unet, scheduler).save_pretrained(run_dir)
+        checkpoint-250/unet_ema/ the EMA weights (EMAModel.save_pretrained), as the script with --use_ema
+        checkpoint-500/... 
+        model_index.json         at the end: DDPMPipeline(unet with the EMA weights, scheduler).save_pretrained
         unet/  scheduler/
 
 (``accelerator.save_state`` in the diffusers script also writes optimizer/RNG state; the demo does not need them.)
+EMA (diffusers' ``EMAModel`` with the script's defaults: max decay 0.9999, warm-up ``1 - (1 + step)^-3/4``) is on by
+default because the raw weights under a constant learning rate of 1e-3 swing between copying and not copying from
+one checkpoint to the next (memorized fraction 0.47, 0.18, 0.09, 0.48 at steps 1250-2000) while the EMA weights
+rise steadily (0.58, 0.70, 0.77, 0.84): see benchmarks/demo_curve.py.
 
 Why this demo shows memorization: a diffusion model that fits its training set exactly has the empirical optimal
 denoiser, whose samples are copies of training images (Gu et al. 2023, "On Memorization in Diffusion Models"); with
@@ -75,6 +80,7 @@ class DemoRun:
     stopped_early: bool  # the callback returned True before ``steps``
     train_seconds: float  # wall time of the optimisation loop (incl. checkpoint writes and callback time)
     config: dict[str, Any] = field(default_factory=dict)
+    ema: bool = True  # checkpoints hold unet_ema/ and the root pipeline the EMA weights
 
 
 # ----------------------------------------------------------------------------------------------------------- data
@@ -155,8 +161,14 @@ def make_demo_unet(image_size: int = 8):
     )
 
 
-def make_demo_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "linear"):
-    """``DDPMScheduler`` with diffusers' defaults (linear betas 1e-4..0.02, epsilon prediction, clip_sample)."""
+def make_demo_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2"):
+    """The demo's ``DDPMScheduler``: 1000 steps, cosine schedule (Nichol & Dhariwal 2021; ``"squaredcos_cap_v2"``),
+    epsilon prediction, clip_sample - otherwise diffusers' defaults (train_unconditional.py: ``--ddpm_beta_schedule``).
+
+    Cosine rather than the default linear betas: on the 16-digit set the EMA model's memorized fraction reaches 0.43
+    at step 750 and 0.64 at step 1000 (linear: 0.11 and 0.30), so the demo needs fewer steps
+    (benchmarks/demo_curve.py).
+    """
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
@@ -177,7 +189,9 @@ def train_digits_ddpm(
     image_size: int = 8,
     n_heldout: int = 256,
     num_train_timesteps: int = 1000,
-    beta_schedule: str = "linear",
+    beta_schedule: str = "squaredcos_cap_v2",
+    use_ema: bool = True,
+    ema_max_decay: float = 0.9999,
     device: Optional[str] = None,
     num_threads: Optional[int] = None,
     progress: bool = False,
@@ -189,8 +203,13 @@ def train_digits_ddpm(
     uniform timesteps, ``scheduler.add_noise``, MSE to the noise, AdamW (``lr``, constant). Batches are drawn
     epoch by epoch from a seeded shuffle (``n_train <= batch_size``: every batch is the whole training set).
 
+    ``use_ema`` (default): keep an EMA of the weights as train_unconditional.py does with ``--use_ema``
+    (``EMAModel(decay=ema_max_decay, use_ema_warmup=True, inv_gamma=1.0, power=3/4)``), write it to
+    ``checkpoint-N/unet_ema/`` beside ``unet/`` and save the final pipeline with the EMA weights.
+
     ``callback(step, unet)`` runs after every optimisation step (1-based ``step``), after the checkpoint of that
-    step was written, with the training UNet (in train mode; no dropout, so train/eval agree). Returning ``True``
+    step was written, with the model the checkpoints' audit reads: the EMA UNet when ``use_ema``, else the training
+    UNet (no dropout in this UNet, so train/eval modes agree; do not modify its weights). Returning ``True``
     stops training (a final checkpoint is written if that step had none). The loop adds nothing else per step, so a
     callback that returns early is the whole cost.
 
@@ -215,6 +234,8 @@ def train_digits_ddpm(
         raise ValueError(
             f"beta_schedule={beta_schedule!r} is not allowed: expected 'linear', 'scaled_linear' or 'squaredcos_cap_v2'"
         )
+    if not (isinstance(ema_max_decay, (int, float)) and 0.0 <= ema_max_decay < 1.0):
+        raise ValueError(f"ema_max_decay={ema_max_decay!r} is not allowed: expected a float in [0, 1)")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback={callback!r} is not allowed: expected a callable (step, unet) -> bool | None")
     device = device or default_device()
@@ -231,7 +252,7 @@ def train_digits_ddpm(
     config = dict(
         n_train=n_train, n_heldout=n_heldout, steps=steps, checkpoint_every=checkpoint_every, batch_size=batch_size,
         lr=float(lr), seed=seed, image_size=image_size, num_train_timesteps=num_train_timesteps,
-        beta_schedule=beta_schedule, device=str(device),
+        beta_schedule=beta_schedule, use_ema=bool(use_ema), ema_max_decay=float(ema_max_decay), device=str(device),
     )
     logger.info("training demo DDPM: %s -> %s", config, run_dir)
 
@@ -247,9 +268,10 @@ def train_digits_ddpm(
             scheduler = make_demo_scheduler(num_train_timesteps, beta_schedule)
             gen = torch.Generator().manual_seed(seed + 1)  # batches, noise, timesteps: CPU generator, any device
             data = torch.from_numpy(train_u8).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(device)
+            ema = _make_ema(unet, float(ema_max_decay)) if use_ema else None
             result = _train_loop(
                 unet, scheduler, data, gen, steps=steps, checkpoint_every=checkpoint_every, batch_size=batch_size,
-                lr=float(lr), run_dir=run_dir, progress=progress, callback=callback, F=F, torch=torch,
+                lr=float(lr), run_dir=run_dir, progress=progress, callback=callback, F=F, torch=torch, ema=ema,
             )
     finally:
         torch.set_num_threads(old_threads)
@@ -257,8 +279,9 @@ def train_digits_ddpm(
     losses, ckpt_steps, final_step, stopped, seconds = result
     from diffusers import DDPMPipeline
 
-    unet.eval()
-    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(run_dir)
+    final = ema[1] if ema is not None else unet  # the script copies the EMA weights into the UNet it saves
+    final.eval()
+    DDPMPipeline(unet=final, scheduler=scheduler).save_pretrained(run_dir)
     log = dict(config=config, final_step=final_step, stopped_early=stopped, train_seconds=seconds,
                checkpoint_steps=ckpt_steps, train_ids=train_ids, heldout_ids=heldout_ids,
                losses=[round(float(v), 6) for v in losses])
@@ -269,11 +292,28 @@ def train_digits_ddpm(
         train_images=train_u8, heldout_images=heldout_u8, train_ids=train_ids, heldout_ids=heldout_ids,
         checkpoint_steps=ckpt_steps, checkpoint_dirs=[run_dir / f"checkpoint-{s}" for s in ckpt_steps],
         losses=losses, final_step=final_step, stopped_early=stopped, train_seconds=seconds, config=config,
+        ema=bool(use_ema),
     )
 
 
+def _make_ema(unet, max_decay: float):
+    """``(EMAModel, ema_unet)``: diffusers' EMAModel with train_unconditional.py's settings, whose shadow
+    parameters *are* the parameters of ``ema_unet`` (updated in place by ``EMAModel.step``), so the callback gets
+    an ordinary module and ``EMAModel.save_pretrained`` writes the script's ``unet_ema/`` (config with EMA keys)."""
+    import copy
+
+    from diffusers import UNet2DModel
+    from diffusers.training_utils import EMAModel
+
+    ema_unet = copy.deepcopy(unet).eval().requires_grad_(False)
+    ema = EMAModel(unet.parameters(), decay=max_decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4,
+                   foreach=True, model_cls=UNet2DModel, model_config=unet.config)
+    ema.shadow_params = [p.data for p in ema_unet.parameters()]
+    return ema, ema_unet
+
+
 def _train_loop(unet, scheduler, data, gen, *, steps, checkpoint_every, batch_size, lr, run_dir, progress, callback,
-                F, torch):
+                F, torch, ema=None):
     device = data.device
     n = data.shape[0]
     # fused AdamW: one kernel for all parameters (4x cheaper than the per-tensor loop on CPU for this model)
@@ -303,12 +343,14 @@ def _train_loop(unet, scheduler, data, gen, *, steps, checkpoint_every, batch_si
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema is not None:
+                ema[0].step(unet.parameters())
             losses[step] = loss.detach()
             step += 1
             if step % checkpoint_every == 0:
-                _save_checkpoint(unet, run_dir, step)
+                _save_checkpoint(unet, run_dir, step, ema)
                 ckpt_steps.append(step)
-            if callback is not None and callback(step, unet):
+            if callback is not None and callback(step, unet if ema is None else ema[1]):
                 stopped = step < steps
                 break
             if bar is not None:
@@ -317,7 +359,7 @@ def _train_loop(unet, scheduler, data, gen, *, steps, checkpoint_every, batch_si
         if bar is not None:
             bar[0].stop()
     if not ckpt_steps or ckpt_steps[-1] != step:
-        _save_checkpoint(unet, run_dir, step)
+        _save_checkpoint(unet, run_dir, step, ema)
         ckpt_steps.append(step)
     seconds = time.perf_counter() - t0
     if stopped:
@@ -325,10 +367,13 @@ def _train_loop(unet, scheduler, data, gen, *, steps, checkpoint_every, batch_si
     return losses[:step].numpy(), ckpt_steps, step, stopped, seconds
 
 
-def _save_checkpoint(unet, run_dir: Path, step: int) -> None:
+def _save_checkpoint(unet, run_dir: Path, step: int, ema=None) -> None:
     # train_unconditional.py: accelerator.save_state(output_dir/checkpoint-{global_step}) whose save_model_hook
-    # calls model.save_pretrained(output_dir/"unet") (safetensors by default)
-    unet.save_pretrained(run_dir / f"checkpoint-{step}" / "unet")
+    # calls ema_model.save_pretrained(output_dir/"unet_ema") (with --use_ema) and model.save_pretrained(output_dir/"unet")
+    folder = run_dir / f"checkpoint-{step}"
+    if ema is not None:
+        ema[0].save_pretrained(folder / "unet_ema")
+    unet.save_pretrained(folder / "unet")
 
 
 def _progress_bar(enabled: bool, total: int, description: str):
@@ -357,13 +402,37 @@ class DemoResult:
     index_html: Path
 
 
+#: The monitor the demo attaches, measured by benchmarks/bench_monitor.py (overhead <= 10% of training, flag at most one
+#: evaluation interval after the densely measured onset): it evaluates every 100 steps (more often than the
+#: checkpoints the audit reads) with a cheap evaluation - 64 samples of 8 DDIM steps (memorized samples are copies
+#: already at 8 steps: the fraction matches 25 steps within noise) and the denoising loss on <= 32 images per set.
+DEMO_MONITOR: dict[str, Any] = {"every_n_steps": 100, "num_samples": 64, "num_inference_steps": 8,
+                                "loss_max_images": 32}
+
+
+def demo_monitor(train_images: np.ndarray, heldout_images: np.ndarray, *, seed: int = 0,
+                 train_ids: Optional[list[str]] = None, heldout_ids: Optional[list[str]] = None, **overrides):
+    """The :class:`~diffaudit.monitor.MemorizationMonitor` the demo attaches to training (pixel embedder, the
+    demo's noise scheduler, :data:`DEMO_MONITOR` settings; ``overrides`` replace them)."""
+    from .data import ImageSet
+    from .monitor import MemorizationMonitor
+
+    kw = {**DEMO_MONITOR, **overrides}
+    return MemorizationMonitor(
+        train=ImageSet.from_arrays(train_images, ids=train_ids),
+        heldout=ImageSet.from_arrays(heldout_images, ids=heldout_ids),
+        embedder="pixel", scheduler=make_demo_scheduler(), seed=seed, **kw,
+    )
+
+
 def run_demo(
     out_dir: str | os.PathLike = "demo-out",
     *,
     quick: bool = False,
+    steps: Optional[int] = None,
     seed: int = 0,
     num_samples: int = 128,
-    monitor_samples: int = 64,
+    monitor_samples: Optional[int] = None,
     progress: bool = False,
     log: Callable[[str], None] = logger.info,
 ) -> DemoResult:
@@ -373,13 +442,24 @@ def run_demo(
     Layout: ``out_dir/{small,large}/`` (training data, ``ddpm/`` run) and ``out_dir/{small,large}/audit/``
     (``report.html``, ``audit.json``, ``images.csv``), plus ``out_dir/index.html`` linking both. The monitor does
     not stop training here, so the audit can show the whole curve; it records the step it would have stopped at.
+
+    ``steps`` overrides the number of training steps of the chosen settings (``quick``: the shorter ones); runs of
+    fewer steps than 5 checkpoint intervals checkpoint every ``steps // 5``. The monitor evaluates every
+    ``DEMO_MONITOR["every_n_steps"]`` steps (or at every checkpoint when those are more frequent).
+    ``num_samples``: samples per checkpoint in the audit; ``monitor_samples``: per monitor evaluation (default
+    :data:`DEMO_MONITOR`).
     """
     from .audit import audit, ensure_writable
     from .data import ImageSet
-    from .monitor import MemorizationMonitor
 
     out = ensure_writable(out_dir)
-    s = DEMO_SETTINGS["quick" if quick else "full"]
+    s = dict(DEMO_SETTINGS["quick" if quick else "full"])
+    if steps is not None:
+        s["steps"] = _check_int("steps", steps, 10)
+        s["checkpoint_every"] = min(int(s["checkpoint_every"]), max(1, s["steps"] // 5))
+    num_samples = _check_int("num_samples", num_samples, 2)
+    every = min(int(DEMO_MONITOR["every_n_steps"]), int(s["checkpoint_every"]))
+    mon_kw = {} if monitor_samples is None else {"num_samples": _check_int("monitor_samples", monitor_samples, 2)}
     runs: dict[str, DemoRun] = {}
     audits: dict[str, Any] = {}
     onset: dict[str, Optional[int]] = {}
@@ -387,12 +467,9 @@ def run_demo(
     for label in ("small", "large"):
         n_train = int(s[label])
         train_np, held_np, train_idx, held_idx = digits_split(n_train, seed=seed)
-        monitor = MemorizationMonitor(
-            train=ImageSet.from_arrays(train_np, ids=[f"{int(i):04d}.png" for i in train_idx]),
-            heldout=ImageSet.from_arrays(held_np, ids=[f"{int(i):04d}.png" for i in held_idx]),
-            embedder="pixel", every_n_steps=int(s["checkpoint_every"]), num_samples=monitor_samples,
-            scheduler=make_demo_scheduler(), seed=seed,
-        )
+        monitor = demo_monitor(train_np, held_np, seed=seed, every_n_steps=every,
+                               train_ids=[f"{int(i):04d}.png" for i in train_idx],
+                               heldout_ids=[f"{int(i):04d}.png" for i in held_idx], **mon_kw)
         spent = [0.0]
 
         def callback(step, unet, monitor=monitor, spent=spent):
@@ -401,7 +478,8 @@ def run_demo(
             spent[0] += time.perf_counter() - t0
             return None  # record the onset, keep training: the audit shows the whole curve
 
-        log(f"[{label}] training on {n_train} digits for {s['steps']} steps (monitor every {s['checkpoint_every']})")
+        log(f"[{label}] training on {n_train} digits for {s['steps']} steps "
+            f"(checkpoint every {s['checkpoint_every']}, monitor every {every})")
         run = train_digits_ddpm(out / label, n_train=n_train, steps=int(s["steps"]),
                                 checkpoint_every=int(s["checkpoint_every"]), seed=seed, progress=progress,
                                 callback=callback)

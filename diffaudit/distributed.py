@@ -147,7 +147,7 @@ def _recipe(embedder, emb_prepared, embedder_kwargs: dict | None) -> tuple:
         raise ValueError(f"embedder_kwargs={sorted(kwargs)} can only be given with an embedder spec string; got "
                          f"embedder={embedder!r}")
     if isinstance(embedder, Embedder):
-        import cloudpickle
+        from ray import cloudpickle
 
         try:
             return ("pickle", cloudpickle.dumps(embedder))
@@ -176,7 +176,7 @@ def _build_from_recipe(recipe: tuple):
         if not isinstance(emb, Embedder):
             raise TypeError(f"the embedder factory returned {type(emb).__name__}, not an Embedder")
         return emb
-    import cloudpickle
+    from ray import cloudpickle
 
     return cloudpickle.loads(recipe[1])
 

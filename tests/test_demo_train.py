@@ -18,10 +18,14 @@ def run(tmp_path_factory):
                              n_heldout=64, seed=0, device="cpu")
 
 
-def _weights(path):
+def _weights(path, sub="unet"):
     from safetensors.numpy import load_file
 
-    return load_file(str(path / "unet" / "diffusion_pytorch_model.safetensors"))
+    return load_file(str(path / sub / "diffusion_pytorch_model.safetensors"))
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_diffusers_layout_loads(run):
@@ -31,17 +35,19 @@ def test_diffusers_layout_loads(run):
     names = sorted(p.name for p in run.run_dir.iterdir() if p.name.startswith("checkpoint-"))
     assert names == ["checkpoint-20", "checkpoint-40", "checkpoint-60"]
     for d in run.checkpoint_dirs:
-        assert (d / "unet" / "config.json").is_file()
-        assert (d / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-        unet = UNet2DModel.from_pretrained(d / "unet")
-        assert unet.config.sample_size == 8 and unet.config.in_channels == 1
+        for sub in ("unet", "unet_ema"):  # train_unconditional.py --use_ema writes both
+            assert (d / sub / "config.json").is_file()
+            assert (d / sub / "diffusion_pytorch_model.safetensors").is_file()
+            unet = UNet2DModel.from_pretrained(d / sub)
+            assert unet.config.sample_size == 8 and unet.config.in_channels == 1
+        assert json.loads((d / "unet_ema" / "config.json").read_text())["optimization_step"] == int(d.name[11:])
     assert (run.run_dir / "model_index.json").is_file()
     pipe = DDPMPipeline.from_pretrained(run.run_dir)
     assert isinstance(pipe.scheduler, DDPMScheduler) and pipe.scheduler.config.num_train_timesteps == 1000
-    # the root pipeline holds the final weights
-    final = _weights(run.run_dir / "checkpoint-60")
+    # the root pipeline holds the final EMA weights (as the diffusers script saves it), which differ from the raw ones
     root = _weights(run.run_dir)
-    assert final.keys() == root.keys() and all(np.array_equal(final[k], root[k]) for k in final)
+    assert _same(_weights(run.run_dir / "checkpoint-60", "unet_ema"), root)
+    assert not _same(_weights(run.run_dir / "checkpoint-60"), root)
     # a forward pass of the loaded pipeline's UNet works on the demo's shape
     with torch.no_grad():
         out = pipe.unet(torch.zeros(2, 1, 8, 8), torch.tensor([10, 500])).sample
@@ -85,13 +91,34 @@ def test_deterministic_and_seed_sensitive(tmp_path, run):
     rng_before = torch.get_rng_state()
     a = train_digits_ddpm(tmp_path / "a", seed=0, **kw)
     assert torch.equal(torch.get_rng_state(), rng_before)  # global RNG untouched
-    b = _weights(run.run_dir / f"checkpoint-{EVERY}")  # the module run, same seed, longer
+    for sub in ("unet", "unet_ema"):  # vs the module run: same seed, longer
+        assert _same(_weights(a.run_dir / f"checkpoint-{EVERY}", sub), _weights(run.run_dir / f"checkpoint-{EVERY}", sub))
     wa = _weights(a.run_dir / f"checkpoint-{EVERY}")
-    assert all(np.array_equal(wa[k], b[k]) for k in wa)
     np.testing.assert_array_equal(a.losses, run.losses[:EVERY])
     c = train_digits_ddpm(tmp_path / "c", seed=1, **kw)
     wc = _weights(c.run_dir / f"checkpoint-{EVERY}")
     assert any(not np.array_equal(wa[k], wc[k]) for k in wa)
+
+
+def test_ema_matches_closed_form(tmp_path):
+    """EMA with diffusers' warm-up: decay(k) = 1 - k^-3/4 after k >= 1 updates (0 at the first), from raw weights."""
+    r = train_digits_ddpm(tmp_path, n_train=8, steps=3, checkpoint_every=1, n_heldout=8, device="cpu")
+    raw = [_weights(d) for d in r.checkpoint_dirs]
+    ema = [_weights(d, "unet_ema") for d in r.checkpoint_dirs]
+    ref = {k: v.astype(np.float64) for k, v in raw[0].items()}  # decay 0: a copy (up to s - (s - p) rounding)
+    for i in (0, 1, 2):
+        if i:
+            d = 1 - (1 + i) ** -0.75
+            ref = {k: d * ref[k] + (1 - d) * raw[i][k] for k in ref}
+        assert ema[i].keys() == ref.keys()
+        for k in ref:
+            np.testing.assert_allclose(ema[i][k], ref[k], rtol=1e-5, atol=1e-6)
+
+
+def test_without_ema(tmp_path):
+    r = train_digits_ddpm(tmp_path, n_train=8, steps=4, checkpoint_every=2, n_heldout=8, device="cpu", use_ema=False)
+    assert not r.ema and not (r.checkpoint_dirs[-1] / "unet_ema").exists()
+    assert _same(_weights(r.checkpoint_dirs[-1]), _weights(r.run_dir))
 
 
 def test_loss_decreases(run):
@@ -100,10 +127,12 @@ def test_loss_decreases(run):
 
 
 def test_callback_every_step_and_early_stop(tmp_path):
-    seen = []
+    seen, models = [], []
 
     def cb(step, unet):
         seen.append((step, (tmp_path / "ddpm" / f"checkpoint-{step}").exists()))
+        if step == 5:  # the callback gets the EMA model, i.e. what checkpoint-N/unet_ema holds
+            models.append({k: v.detach().numpy().copy() for k, v in unet.state_dict().items()})
         return step == 7
 
     r = train_digits_ddpm(tmp_path, n_train=8, steps=30, checkpoint_every=5, n_heldout=8, device="cpu", callback=cb)
@@ -112,11 +141,13 @@ def test_callback_every_step_and_early_stop(tmp_path):
     assert r.stopped_early and r.final_step == 7 and r.checkpoint_steps == [5, 7]
     assert (r.run_dir / "checkpoint-7" / "unet" / "config.json").is_file()
     assert (r.run_dir / "model_index.json").is_file() and len(r.losses) == 7
+    assert _same(models[0], _weights(r.run_dir / "checkpoint-5", "unet_ema"))
 
 
 @pytest.mark.parametrize("kw, name", [({"steps": 0}, "steps"), ({"lr": -1.0}, "lr"),
                                       ({"checkpoint_every": 0}, "checkpoint_every"),
-                                      ({"beta_schedule": "cosine"}, "beta_schedule"), ({"n_train": 1}, "n_train")])
+                                      ({"beta_schedule": "cosine"}, "beta_schedule"), ({"n_train": 1}, "n_train"),
+                                      ({"ema_max_decay": 1.0}, "ema_max_decay")])
 def test_bad_arguments_name_themselves(tmp_path, kw, name):
     with pytest.raises(ValueError, match=name):
         train_digits_ddpm(tmp_path, **kw)

@@ -121,3 +121,38 @@ def test_bad_arguments(tmp_path):
         distributed._recipe(get_embedder("pixel"), None, {"size": 4})
     with pytest.raises(ValueError, match="unknown keys"):
         embed(images, "pixel", backend="ray", cache=False, backend_options={"adress": "auto"})
+
+
+def test_recipes_rebuild_the_same_embedder(tmp_path):
+    """What actors receive: spec strings are rebuilt, instances pickled, SSCD (TorchScript: not picklable) rebuilt
+    from its weights path -- each with the driver's name (same preprocessing, same weights)."""
+    import warnings
+
+    import torch
+
+    from diffaudit.embedders.pixel import PixelEmbedder
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, stride=2)
+
+        def forward(self, x):
+            return self.conv(x).mean(dim=(2, 3))
+
+    ts = tmp_path / "tiny.torchscript.pt"
+    torch.jit.script(Tiny().eval()).save(str(ts))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sscd = get_embedder("sscd", weights=str(ts), size=32)
+        kind, spec, kw = distributed._recipe(sscd, sscd, None)
+        assert (kind, spec) == ("spec", "sscd") and kw["weights"] == str(ts) and kw["size"] == 32
+        assert distributed._build_from_recipe((kind, spec, kw)).name == sscd.name
+    pix = PixelEmbedder(size=12)
+    kind, blob = distributed._recipe(pix, pix, None)
+    assert kind == "pickle" and distributed._build_from_recipe((kind, blob)).name == "pixel-12x12"
+    images = ImageSet.from_arrays(digits_rgb(3, 16))
+    driver = get_embedder("pixel")
+    driver.prepare(images)  # native 16x16, decided on the driver and copied to the actors
+    assert distributed._prepared_state(driver) == {"size": (16, 16)}
+    assert distributed._recipe("pixel", driver, None) == ("spec", "pixel", {})
