@@ -1,7 +1,7 @@
 """`diffaudit demo` end to end (a short run via --steps): reports, JSON, and the memorization contrast.
 
-The contrast is checked twice: in the audit's own audit.json, and independently - DDIM samples drawn here with
-diffusers from the last checkpoints, matched by brute-force numpy against the training PNGs (Gu et al.'s 1/3 rule).
+The contrast is checked twice: in the audit's own audit.json, and independently of the audit's metrics - DDIM samples
+of the last checkpoints (another seed) matched by brute-force numpy against the training PNGs (Gu et al.'s 1/3 rule).
 """
 from __future__ import annotations
 
@@ -42,18 +42,15 @@ def _one_third(samples: np.ndarray, train: np.ndarray) -> float:
     return float((d[:, 0] / np.maximum(d[:, 1], 1e-12) < 1 / 3).mean())
 
 
-def _ddim(ckpt: Path, n: int, seed: int) -> np.ndarray:
-    import torch
-    from diffusers import DDIMScheduler, UNet2DModel
+def _samples(ckpt: Path, n: int, seed: int) -> np.ndarray:
+    """n DDIM samples (25 steps, eta 0) of a checkpoint, uint8 grayscale (N, 8, 8)."""
+    from diffusers import UNet2DModel
 
-    unet = UNet2DModel.from_pretrained(ckpt / "unet").eval()
-    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-    sched.set_timesteps(25)
-    x = torch.randn((n, 1, 8, 8), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        for t in sched.timesteps:
-            x = sched.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].numpy()
+    from diffaudit.demo import make_demo_scheduler
+    from diffaudit.sampling import CheckpointSampler
+
+    sampler = CheckpointSampler(make_demo_scheduler(), n, seed=seed, num_inference_steps=25, device="cpu")
+    return sampler.sample(UNet2DModel.from_pretrained(ckpt / "unet")).images[..., 0]
 
 
 def _train_pngs(folder: Path) -> np.ndarray:
@@ -83,6 +80,6 @@ def test_small_set_memorization_rises(demo_out):
     assert small[-1][1] >= 0.05 and large[-1][1] <= 0.02
     # independent: own DDIM sampler + brute-force 1/3 rule on the last checkpoints
     ck = f"ddpm/checkpoint-{STEPS}"
-    f_small = _one_third(_ddim(out / "small" / ck, 96, 7), _train_pngs(out / "small" / "train"))
-    f_large = _one_third(_ddim(out / "large" / ck, 96, 7), _train_pngs(out / "large" / "train"))
+    f_small = _one_third(_samples(out / "small" / ck, 96, 7), _train_pngs(out / "small" / "train"))
+    f_large = _one_third(_samples(out / "large" / ck, 96, 7), _train_pngs(out / "large" / "train"))
     assert f_small >= 0.03 and f_large <= 0.02 and f_small > f_large
