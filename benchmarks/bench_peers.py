@@ -160,6 +160,9 @@ def run_tool(tool: str, data: Path, work: Path) -> dict:
             pairs = [[p.id_a, p.id_b] for p in rep.pairs]
             note = rep.threshold_rule
         dt = time.perf_counter() - t0
+        import shutil
+
+        shutil.rmtree(cache, ignore_errors=True)  # a cold cache for every run
     elif tool.startswith("imagededup-"):
         from imagededup import methods
 

@@ -174,6 +174,9 @@ def run_size(workdir: Path, n: int, nq: int, k: int, exact_nq: int, nprobe: int 
     res["dup_recall"] = float(np.mean(I1[:, 0] == dups[:, 1])) if len(dups) else float("nan")
     res["dup_max_dist"] = float(S1[:, 0].max()) if len(dups) else float("nan")
     del index
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)  # up to 3 GB at 1M
 
     # 4. exact reference (float32 copy of the same float16 values) on a query subsample
     ne = nq if n <= 100_000 else min(nq, exact_nq)

@@ -186,8 +186,8 @@ def train_digits_ddpm(
     out_dir: str | os.PathLike,
     *,
     n_train: int = 16,
-    steps: int = 3000,
-    checkpoint_every: int = 250,
+    steps: int = 2000,
+    checkpoint_every: int = 200,
     batch_size: int = 16,
     lr: float = 1e-3,
     seed: int = 0,
@@ -219,8 +219,8 @@ def train_digits_ddpm(
     callback that returns early is the whole cost.
 
     Reproducible: weights, batches, noise and timesteps follow ``seed`` alone (same device, same torch build); the
-    global torch RNG state is restored afterwards. ``num_threads`` (default: 1 at 8x8, where a second thread gains
-    nothing and oversubscribes a busy machine; else ``min(torch.get_num_threads(), 4)``) is set for the run and
+    global torch RNG state is restored afterwards. ``num_threads`` (default: 1 at 8x8, where a second thread saves
+    at most ~20% and oversubscribes a busy machine; else ``min(torch.get_num_threads(), 4)``) is set for the run and
     restored afterwards.
     ``device`` defaults to CUDA when available, else CPU.
     """
@@ -262,7 +262,8 @@ def train_digits_ddpm(
     logger.info("training demo DDPM: %s -> %s", config, run_dir)
 
     old_threads = torch.get_num_threads()
-    # 8x8: one thread is as fast as two (per-op overhead dominates) and cannot oversubscribe a busy machine
+    # 8x8: a second thread saves <= ~20% on an idle machine but slows training several-fold when other processes
+    # compete for the cores (OpenMP oversubscription, measured on 2 cores), so one thread is the robust default
     threads = num_threads if num_threads is not None else (1 if image_size <= 8 else min(old_threads, 4))
     threads = _check_int("num_threads", threads, 1)
     torch.set_num_threads(threads)

@@ -41,9 +41,8 @@ import math
 import os
 import tempfile
 import time
-import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 

@@ -304,7 +304,7 @@ def test_errors(tmp_path):
     with pytest.raises(TypeError, match="images="):
         find_duplicates(42)
     with pytest.raises(ValueError, match="backend='ray'|backend="):
-        find_duplicates(images, backend="ray", cache_dir=tmp_path)
+        find_duplicates(images, backend="dask", cache_dir=tmp_path)
     one = find_duplicates(ImageSet.from_arrays(digits_rgb(1, 16)), cache_dir=tmp_path)
     assert one.pairs == [] and one.clusters == [] and one.num_images == 1
     r = find_duplicates(images, cache_dir=tmp_path)

@@ -17,7 +17,7 @@ from diffaudit.cli import app
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # ~90 s on 2 quiet cores; a loaded machine is slower
 
-STEPS = 1000  # checkpoints every 200; the small set copies from ~700 steps on (benchmarks/bench_monitor.py)
+STEPS = 800  # 4 checkpoints (every 200); the small set copies from ~500 steps on (benchmarks/demo_curve.py: 0.48 at 800)
 
 
 @pytest.fixture(scope="module")
