@@ -23,3 +23,14 @@ def digits_rgb(n: int | None = None, side: int = 32, seed: int | None = None) ->
 @pytest.fixture
 def digits32():
     return digits_rgb(200, 32)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one intra-op thread is faster and, on a shared 2-core box, far less noisy. Restored after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -26,12 +26,8 @@ TOL = 8e-3  # training vectors come back from the embedding cache in float16: |e
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny models: one intra-op thread is faster and, on a shared 2-core box, 10x less noisy
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread):
+    """Every test here runs with one torch thread (conftest.one_torch_thread)."""
 
 
 @pytest.fixture(scope="module")

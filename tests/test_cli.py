@@ -25,11 +25,8 @@ N_TRAIN, N_HELD, SIDE = 16, 8, 8
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread):
+    """Every test here runs with one torch thread (conftest.one_torch_thread)."""
 
 
 def _save_folder(folder: Path, images: np.ndarray) -> Path:
