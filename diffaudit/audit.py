@@ -494,6 +494,17 @@ def loss_pass(model, scheduler, ref: ReferenceSet, cfg: AuditConfig, device=None
     return train_ids, tl, hl
 
 
+def set_loss_metrics(cr: CheckpointResult, train_losses, heldout_losses=None) -> None:
+    """Fill a checkpoint's loss fields from per-image losses: means, gap (held-out - train), membership AUC."""
+    from .metrics import membership_auc
+
+    cr.loss_train = float(np.mean(train_losses))
+    if heldout_losses is not None:
+        cr.loss_heldout = float(np.mean(heldout_losses))
+        cr.loss_gap = cr.loss_heldout - cr.loss_train
+        cr.membership_auc = float(membership_auc(train_losses, heldout_losses))
+
+
 def _stack_images(images, positions, size=None, channels=None) -> np.ndarray:
     """Decode ``positions`` of an ImageSet into one uint8 NHWC array at the model's size and channel count."""
     from PIL import Image
@@ -671,16 +682,12 @@ def audit(
                 skipped.append(SkippedItem("denoising loss", str(e), f"loss@{ckpt.step}"))
                 lp = None
             if lp is not None:
-                from .metrics import membership_auc, membership_percentile
+                from .metrics import membership_percentile
 
                 tids, tl, hl = lp
-                cr.loss_train = float(np.mean(tl))
+                set_loss_metrics(cr, tl, hl)
                 if hl is not None:
-                    cr.loss_heldout = float(np.mean(hl))
-                    cr.loss_gap = cr.loss_heldout - cr.loss_train
-                    cr.membership_auc = float(membership_auc(tl, hl))
-                    pct = membership_percentile(tl, hl)
-                    membership = {i: float(v) for i, v in zip(tids, pct)}
+                    membership = {i: float(v) for i, v in zip(tids, membership_percentile(tl, hl))}
             loaded.clear()
             results.append(cr)
             if prog:

@@ -522,10 +522,7 @@ class MemorizationMonitor:
         return self.stopped
 
     def _loss(self, net, sched, cr, device) -> None:
-        import numpy as np
-
-        from .audit import AuditConfig, loss_pass
-        from .metrics import membership_auc
+        from .audit import AuditConfig, loss_pass, set_loss_metrics
 
         cfg = AuditConfig(seed=self.seed, loss_timesteps=list(self.loss_timesteps),
                           loss_noise_draws=self.loss_noise_draws, loss_max_images=self.loss_max_images,
@@ -539,14 +536,8 @@ class MemorizationMonitor:
         except FloatingPointError as e:  # NaN/inf model outputs: no loss this evaluation; sampling still counts
             _log.warning("step %s: denoising loss not computed (%s)", cr.step, e)
             return
-        if lp is None:
-            return
-        _, tl, hl = lp
-        cr.loss_train = float(np.mean(tl))
-        if hl is not None:
-            cr.loss_heldout = float(np.mean(hl))
-            cr.loss_gap = cr.loss_heldout - cr.loss_train
-            cr.membership_auc = float(membership_auc(tl, hl))
+        if lp is not None:
+            set_loss_metrics(cr, lp[1], lp[2])
 
     def _loss_data(self):
         """The training / held-out images the loss pass scores: a fixed subset (``loss_max_images``), decoded once
