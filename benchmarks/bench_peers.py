@@ -19,16 +19,16 @@ waited for), the reported pairs. A planted pair is *found* when both images end 
 the reported pairs; a cleanvision set). Precision = reported pairs that are true duplicate pairs / reported pairs.
 
 Tools (default settings unless a name says otherwise):
-* ``diffaudit-pixel``: ``find_duplicates(ImageSet.from_folder(dir))`` -- diffaudit's default (pixel embedder, PSNR >= 30
-  dB threshold capped by 1/3 of the typical distance to the nearest distinct image), cold embedding cache.
-* ``diffaudit-tiled``: the same with ``embedder="tiled"`` (Carlini et al.'s max-over-tiles L2).
+* ``diffaudit-pixel``: ``find_duplicates(ImageSet.from_folder(dir))`` -- diffaudit's default (pixel embedder,
+  brightness- and mirror-invariant, exact coarse-to-fine search; PSNR >= 30 dB threshold capped by 1/3 of the
+  typical distance to the nearest distinct image), cold embedding cache.
+* ``diffaudit-pixel-raw``: the same with ``invariances=()`` (raw pixel distances).
+* ``diffaudit-tiled``: ``embedder="tiled"`` (Carlini et al.'s max-over-tiles L2).
 * ``imagededup-{phash,dhash,whash,ahash}``: ``<Hash>().find_duplicates(image_dir=dir)`` (max_distance_threshold=10).
-  imagededup's CNN method needs pretrained weights downloaded at run time (no network here): not run.
+  ``imagededup-phash@N``: the same with ``max_distance_threshold=N`` (stricter: imagededup's precision at lower
+  recall). imagededup's CNN method needs pretrained weights downloaded at run time (no network here): not run.
 * ``cleanvision``: ``Imagelab(data_path=dir).find_issues({"exact_duplicates": {}, "near_duplicates": {}})``, the union
   of both sets (phash of size 8, equal hashes).
-* ``diffaudit-pixel-flip``, ``diffaudit-pixel-centered-flip``, ``diffaudit-proposal`` (proposals, not diffaudit
-  defaults): pixel duplicates also searched with mirrored queries; the second also subtracts each image's mean colour
-  first; the third adds a coarse-to-fine search (candidates from 16x16 pooled vectors, re-scored at full resolution).
 
 Writes ``peers.json`` and ``peers.md`` to ``--out`` and prints the table.
 """
@@ -47,9 +47,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("exact", "resized", "jpeg30", "crop5", "bright10", "hflip")
 SIDE = 64
-DEFAULT_TOOLS = ("diffaudit-pixel", "diffaudit-tiled", "imagededup-phash", "imagededup-dhash", "imagededup-whash",
-                 "imagededup-ahash", "cleanvision", "diffaudit-pixel-flip", "diffaudit-pixel-centered-flip",
-                 "diffaudit-proposal")
+DEFAULT_TOOLS = ("diffaudit-pixel", "diffaudit-pixel-raw", "diffaudit-tiled", "imagededup-phash", "imagededup-dhash",
+                 "imagededup-whash", "imagededup-ahash", "cleanvision", "imagededup-phash@4", "imagededup-phash@2",
+                 "imagededup-phash@0")
 
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -150,15 +150,11 @@ def run_tool(tool: str, data: Path, work: Path) -> dict:
         cache = work / f"cache-{tool}-{os.getpid()}"
         t0 = time.perf_counter()
         images = ImageSet.from_folder(data)
-        if tool in ("diffaudit-pixel-flip", "diffaudit-pixel-centered-flip"):
-            pairs, note = _flip_augmented(images, cache, center=tool == "diffaudit-pixel-centered-flip")
-        elif tool == "diffaudit-proposal":
-            pairs, note = _coarse_to_fine(images, cache)
-        else:
-            emb = {"diffaudit-pixel": "pixel", "diffaudit-tiled": "tiled"}[tool]
-            rep = find_duplicates(images, emb, cache_dir=cache)
-            pairs = [[p.id_a, p.id_b] for p in rep.pairs]
-            note = rep.threshold_rule
+        emb, kw = {"diffaudit-pixel": ("pixel", {}), "diffaudit-pixel-raw": ("pixel", {"invariances": ()}),
+                   "diffaudit-tiled": ("tiled", {})}[tool]
+        rep = find_duplicates(images, emb, cache_dir=cache, **kw)
+        pairs = [[p.id_a, p.id_b] for p in rep.pairs]
+        note = rep.threshold_rule
         dt = time.perf_counter() - t0
         import shutil
 
@@ -166,14 +162,15 @@ def run_tool(tool: str, data: Path, work: Path) -> dict:
     elif tool.startswith("imagededup-"):
         from imagededup import methods
 
-        cls = {"phash": methods.PHash, "dhash": methods.DHash, "whash": methods.WHash,
-               "ahash": methods.AHash}[tool.split("-", 1)[1]]
+        method, _, dist = tool.split("-", 1)[1].partition("@")
+        cls = {"phash": methods.PHash, "dhash": methods.DHash, "whash": methods.WHash, "ahash": methods.AHash}[method]
+        kw = {"max_distance_threshold": int(dist)} if dist else {}
         t0 = time.perf_counter()
-        dups = cls(verbose=False).find_duplicates(image_dir=str(data))
+        dups = cls(verbose=False).find_duplicates(image_dir=str(data), **kw)
         dt = time.perf_counter() - t0
         pairs = sorted({tuple(sorted((a, b))) for a, bs in dups.items() for b in bs})
         pairs = [list(p) for p in pairs]
-        note = "max_distance_threshold=10 (default)"
+        note = f"max_distance_threshold={dist}" if dist else "max_distance_threshold=10 (default)"
     elif tool == "cleanvision":
         from cleanvision import Imagelab
 
@@ -189,103 +186,6 @@ def run_tool(tool: str, data: Path, work: Path) -> dict:
     else:
         raise SystemExit(f"unknown tool {tool!r}")
     return {"pairs": pairs, "search_s": dt, "note": note, "num_files": len(files)}
-
-
-def _flip_augmented(images, cache: Path, center: bool = False):
-    """Proposal (not a diffaudit default): pixel duplicates searched with each image AND its mirror image as queries,
-    threshold by diffaudit's default rule; ``center``: each image's per-channel mean subtracted first (a uniform
-    brightness shift then costs nothing)."""
-    from diffaudit.curate import duplicate_threshold
-    from diffaudit.embedders import embed
-    from diffaudit.embedders.pixel import PixelEmbedder
-    from diffaudit.index import EmbeddingIndex, self_neighbors
-
-    CenteredPixel = _centered_pixel_cls()
-    emb = CenteredPixel() if center else PixelEmbedder()
-    E = embed(images, emb, cache_dir=cache)
-    index = EmbeddingIndex.from_embeddings(E, kind="auto")
-    S, I = self_neighbors(index, 10)
-    t = duplicate_threshold(emb, S, dim=E.dim)
-    h, w = emb.size
-    flipped = E.vectors.reshape(len(E), h, w, 3)[:, :, ::-1].reshape(len(E), -1)
-    Sf, If = index.search(np.ascontiguousarray(flipped), 10, refine=True)
-    pairs = set()
-    for SS, II in ((S, I), (Sf, If)):
-        for r, c in zip(*np.nonzero((SS <= t) & (II >= 0))):
-            a, b = int(r), int(II[r, c])
-            if a != b:
-                pairs.add((min(a, b), max(a, b)))
-    what = "per-image mean-centred pixels" if center else "pixels"
-    return [[E.ids[a], E.ids[b]] for a, b in sorted(pairs)], f"{what} + mirrored queries, default threshold rule ({t:.4g})"
-
-
-def _centered_pixel_cls():
-    from diffaudit.embedders.pixel import PixelEmbedder
-
-    class CenteredPixel(PixelEmbedder):
-        """Pixel vectors minus each image's per-channel mean (a uniform brightness shift costs nothing)."""
-
-        @property
-        def name(self) -> str:
-            return super().name + "-centered"
-
-        def embed_batch(self, imgs):
-            v = super().embed_batch(imgs)
-            h, w = self.size
-            x = v.reshape(len(v), h * w, 3)
-            x -= x.mean(axis=1, keepdims=True)
-            return x.reshape(len(v), -1)
-
-    return CenteredPixel
-
-
-def _coarse_to_fine(images, cache: Path, low_side: int = 16, kc: int = 16):
-    """Proposal: mean-centred pixels, mirrored queries, and a coarse-to-fine search -- candidates from the
-    ``low_side`` x ``low_side`` average-pooled vectors (16x fewer dimensions at 64 px), every candidate re-scored
-    exactly at full resolution, then diffaudit's default threshold rule on the full-resolution distances."""
-    from diffaudit.curate import duplicate_threshold
-    from diffaudit.embedders import embed
-    from diffaudit.index import EmbeddingIndex, self_neighbors
-
-    emb = _centered_pixel_cls()()
-    E = embed(images, emb, cache_dir=cache)
-    n = len(E)
-    h, w = emb.size
-    X = E.vectors.reshape(n, h, w, 3)
-    ph, pw = max(1, h // low_side), max(1, w // low_side)
-
-    def pooled(A):  # average pooling ph x pw, as two contiguous sums
-        A = np.ascontiguousarray(A[:, : (h // ph) * ph, : (w // pw) * pw])
-        A = A.reshape(n, h // ph, ph, (w // pw) * pw * 3).sum(axis=2)
-        A = A.reshape(n, h // ph, w // pw, pw, 3).sum(axis=3)
-        return np.ascontiguousarray(A.reshape(n, -1) / (ph * pw), dtype=np.float32)
-
-    Xf = X[:, :, ::-1]
-    low = EmbeddingIndex(3 * (h // ph) * (w // pw), "l2", kind="auto")
-    low.add(pooled(X))
-    _, I = self_neighbors(low, min(kc, n - 1))
-    _, If = low.search(pooled(Xf), min(kc, n))
-    flat, flatf = E.vectors, np.ascontiguousarray(Xf.reshape(n, -1))
-
-    def exact(Q, C):  # direct differences, in small cache-friendly blocks
-        out = np.empty(C.shape, np.float32)
-        for s in range(0, n, 16):
-            d = flat[C[s:s + 16]] - Q[s:s + 16, None, :]
-            out[s:s + 16] = np.sqrt(np.einsum("bcd,bcd->bc", d, d))
-        return out
-
-    S, Sf = exact(flat, I), exact(flatf, If)
-    order = np.argsort(S, axis=1)
-    t = duplicate_threshold(emb, np.take_along_axis(S, order, axis=1), dim=E.dim)
-    pairs = set()
-    for SS, II in ((S, I), (Sf, If)):
-        for r, c in zip(*np.nonzero((SS <= t) & (II >= 0))):
-            a, b = int(r), int(II[r, c])
-            if a != b:
-                pairs.add((min(a, b), max(a, b)))
-    return ([[E.ids[a], E.ids[b]] for a, b in sorted(pairs)],
-            f"mean-centred pixels + mirrored queries; candidates from {h // ph}x{w // pw} pooled vectors, re-scored "
-            f"at {h}x{w}; default threshold rule ({t:.4g})")
 
 
 # ------------------------------------------------------------------------------------------------------------ scoring

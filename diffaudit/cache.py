@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 __all__ = ["EmbeddingCache", "CacheWriter", "default_cache_root"]
 
 _FORMAT = b"diffaudit-cache-v1"
-_F16_MAX = float(np.finfo(np.float16).max)
 
 
 def default_cache_root() -> Path:
@@ -132,10 +131,14 @@ class EmbeddingCache:
         if len(set(keys_arr.tolist())) != len(keys_arr):
             raise ValueError("store: keys contain duplicates")
         dtype = self.store_dtype
-        vec32 = vec.astype(np.float32, copy=False)
-        if dtype == np.float16 and np.any(np.abs(vec32[np.isfinite(vec32)]) > _F16_MAX):
-            dtype = np.dtype(np.float32)  # float16 would turn these into inf
-        out = np.ascontiguousarray(vec32.astype(dtype))
+        if vec.dtype == dtype:
+            out = np.ascontiguousarray(vec)
+        else:
+            vec32 = vec.astype(np.float32, copy=False)
+            with np.errstate(over="ignore"):  # overflow is detected just below
+                out = np.ascontiguousarray(vec32.astype(dtype))
+            if dtype == np.float16 and np.isinf(out).any() and np.any(np.isinf(out) & np.isfinite(vec32)):
+                out = np.ascontiguousarray(vec32)  # float16 would turn these into inf: keep this shard float32
         digest = _content_hash(embedder_name, keys_arr, out)
         d = self.dir_for(embedder_name)
         d.mkdir(parents=True, exist_ok=True)

@@ -90,6 +90,9 @@ def dedup(
     out_dir: Path = typer.Option(Path("diffaudit-dedup"), "--out", "-o", help="Output folder."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache", help="Embedding cache folder."),
     backend: str = typer.Option("local", help="local | ray"),
+    invariances: Optional[str] = typer.Option(
+        None, "--invariances",
+        help="pixel embedder: what to ignore, comma-separated: brightness, hflip (default both), or none."),
 ) -> None:
     """Find duplicated training images (pairs and clusters); writes HTML + JSON + CSV."""
     from . import curate
@@ -100,7 +103,8 @@ def dedup(
     images = ImageSet.from_folder(folder)
     emb = get_embedder(embedder, **({"weights": str(weights)} if weights else {}))
     kw = {"backend": backend} if backend != "local" else {}
-    report = curate.find_duplicates(images, embedder=emb, threshold=threshold, cache_dir=cache_dir, progress=True, **kw)
+    report = curate.find_duplicates(images, embedder=emb, threshold=threshold, cache_dir=cache_dir, progress=True,
+                                    invariances=invariances, **kw)
     report.to_json(out_dir / "duplicates.json")
     report.to_csv(out_dir / "duplicates.csv")
     report.to_html(out_dir / "duplicates.html", images=images)

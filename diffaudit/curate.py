@@ -29,7 +29,27 @@ Default duplicate thresholds (override with ``threshold=`` in the embedder's sco
   where a fixed PSNR would merge distinct images. Exact copies (distance 0) are always duplicates. Other L2 embedders
   use ``t_rel`` alone (r_a = nearest neighbour at distance > 0). The chosen value and rule are in the report.
 
-Pixel distances cannot see through geometric edits: crops, shifts and flips need SSCD (or CLIP).
+Pixel duplicates are compared the way a curator means "the same image" (``invariances``, default for the pixel
+embedder ``("brightness", "hflip")``):
+
+* ``"brightness"``: each image's mean grey level (the mean over all pixels and channels) is subtracted from its
+  vector first, so a uniform brightness shift costs nothing; distances, the threshold rule and the reported scores
+  are all on these mean-centred vectors. Two blank images of different brightness are then duplicates.
+* ``"hflip"``: each image is also compared mirrored left-right; a pair's score is the smaller of the two distances
+  (``DuplicatePair.transform == "hflip"`` when the mirrored one is smaller). The threshold rule uses the direct
+  (unmirrored) distances only.
+
+``invariances=()`` compares raw pixels. Crops and shifts still need SSCD (or CLIP). The audit's pixel metrics (Gu et
+al.'s ratio and friends) never use these invariances: they are defined on raw pixels.
+
+Search (pixel embedder): coarse to fine, exact. Candidates come from vectors average-pooled to about
+``COARSE_SIDE`` pixels on a side (p x p blocks); pooling shrinks every L2 distance at least p-fold
+(Cauchy-Schwarz: each pooled difference is the mean of p*p differences), so all pairs within ``t`` at full
+resolution are among the pooled pairs within ``t / p``; those are re-scored exactly at full resolution. The
+nearest-distinct distance of the threshold rule is certified the same way (a candidate closer than p times the
+pooled distance of the last candidate is the true nearest; uncertain rows are searched again with 4x more
+candidates). The result equals a brute-force comparison of all pairs; above 200k images the pooled search is IVF
+(approximate, candidates re-scored exactly).
 """
 from __future__ import annotations
 
@@ -39,7 +59,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -54,16 +74,26 @@ DUPLICATE_PSNR_DB = 30.0
 RELATIVE_RATIO = 1.0 / 3.0
 #: SSCD duplicate threshold: Pizzi et al. 2022, cosine 0.75 ~ 90% precision
 SSCD_DUPLICATE_THRESHOLD = 0.75
+#: comparisons the pixel duplicate finder can make invariant (module docstring)
+INVARIANCES = ("brightness", "hflip")
+#: the pixel embedder's default invariances
+PIXEL_INVARIANCES = ("brightness", "hflip")
+#: the coarse search of pixel duplicates runs on vectors average-pooled to about this many pixels on a side
+COARSE_SIDE = 16
 
 
 # ---------------------------------------------------------------------------------------------------- result types
 @dataclass
 class DuplicatePair(JsonMixin):
-    """Two images within the duplicate threshold; ``score`` in the embedder's units (L2 distance or cosine)."""
+    """Two images within the duplicate threshold; ``score`` in the embedder's units (L2 distance or cosine).
+
+    ``transform``: ``""`` when the images were compared as they are, ``"hflip"`` when ``id_a`` mirrored left-right
+    is what matched ``id_b`` (the pixel embedder's ``hflip`` invariance)."""
 
     id_a: str
     id_b: str
     score: float
+    transform: str = ""
 
 
 @dataclass
@@ -73,6 +103,7 @@ class DuplicateReport(JsonMixin):
     ``pairs`` are sorted closest first; ``clusters`` are the connected components of the pairs (largest first,
     members in image-set order). ``threshold`` is in score units (L2 distance: pairs <= threshold; cosine: pairs >=
     threshold), ``threshold_rule`` says how it was chosen. ``skipped`` lists images that could not be decoded.
+    ``invariances``: what the comparison ignored (pixel embedder: ``"brightness"``, ``"hflip"``; module docstring).
     """
 
     pairs: list[DuplicatePair]
@@ -85,6 +116,7 @@ class DuplicateReport(JsonMixin):
     threshold_rule: str = ""
     k: int = 10
     source: str = ""
+    invariances: list[str] = field(default_factory=list)
 
     @property
     def num_duplicates(self) -> int:
@@ -96,11 +128,11 @@ class DuplicateReport(JsonMixin):
         return {i: c for c, members in enumerate(self.clusters) for i in members}
 
     def to_csv(self, path: str | os.PathLike | None = None) -> str:
-        """One row per pair: ``id_a,id_b,score,cluster``. Cells that a spreadsheet would run as a formula are
+        """One row per pair: ``id_a,id_b,score,cluster,transform``. Cells that a spreadsheet would run as a formula are
         prefixed with ``'`` (OWASP CSV injection)."""
         cl = self.cluster_of()
-        rows = [["id_a", "id_b", "score", "cluster"]]
-        rows += [[p.id_a, p.id_b, _fmt(p.score), str(cl.get(p.id_a, ""))] for p in self.pairs]
+        rows = [["id_a", "id_b", "score", "cluster", "transform"]]
+        rows += [[p.id_a, p.id_b, _fmt(p.score), str(cl.get(p.id_a, "")), p.transform] for p in self.pairs]
         return _write_csv(rows, path)
 
     def to_html(self, path: str | os.PathLike | None = None, images=None, *, max_clusters: int = 200,
@@ -362,7 +394,8 @@ class _UnionFind:
 
 # ---------------------------------------------------------------------------------------------------- API
 def find_duplicates(images, embedder: Any = "pixel", threshold: float | None = None, *, k: int = 10,
-                    cache_dir=None, progress: bool = False, backend: str = "local") -> DuplicateReport:
+                    cache_dir=None, progress: bool = False, backend: str = "local",
+                    invariances: Sequence[str] | None = None) -> DuplicateReport:
     """Duplicate pairs and clusters in an image set.
 
     Args:
@@ -371,14 +404,16 @@ def find_duplicates(images, embedder: Any = "pixel", threshold: float | None = N
         threshold: in score units (L2 distance: pairs with distance <= threshold; cosine: similarity >= threshold).
             None: the default of the module docstring (SSCD 0.75; pixel: PSNR >= 30 dB capped by 1/3 of the typical
             distance between distinct neighbours).
-        k: neighbours examined per image. An image whose ``k`` neighbours are all duplicates is searched again with
-            a larger ``k``, so clusters larger than ``k`` are listed completely.
+        k: candidates examined per image per round. Rows whose candidates could all be duplicates (or, for the
+            pixel threshold rule, whose nearest distinct image is not certain yet) are searched again with 4x more,
+            so clusters larger than ``k`` are listed completely. The pixel search is exact whatever ``k`` is.
         cache_dir: embedding cache root (default ``$DIFFAUDIT_CACHE`` or ``~/.cache/diffaudit``).
         progress: show a progress bar while embedding.
         backend: ``"local"``, or another embedding backend that :func:`diffaudit.embedders.embed` accepts.
+        invariances: pixel embedder only: any of ``"brightness"`` and ``"hflip"`` (module docstring); default
+            both. ``()`` compares raw pixels.
     """
     from .embedders import get_embedder
-    from .index import EmbeddingIndex, self_neighbors
 
     embed = _embed_fn(backend)
     if int(k) != k or k < 1:
@@ -387,13 +422,65 @@ def find_duplicates(images, embedder: Any = "pixel", threshold: float | None = N
         raise ValueError(f"threshold must be a finite number or None; got {threshold!r}")
     images = _as_imageset(images, "images")
     emb = get_embedder(embedder)
+    pixel = _is_pixel(emb)
+    inv = _check_invariances(invariances, pixel, emb)
     E = embed(images, emb, cache_dir=cache_dir, progress=progress)
     n = len(E)
     metric = E.metric
     skipped = _skipped(E, "images")
     if n < 2:
         return _attach(DuplicateReport([], [], None if threshold is None else float(threshold), E.embedder, metric,
-                                       n, skipped, "fewer than two images", int(k), images.source), _images=images)
+                                       n, skipped, "fewer than two images", int(k), images.source, list(inv)),
+                       _images=images)
+    if pixel:
+        pair_scores, t, rule = _pixel_duplicates(E.vectors, tuple(emb.size), int(k), threshold, inv, emb)
+    else:
+        pair_scores, t, rule = _indexed_duplicates(E, emb, int(k), threshold)
+
+    uf = _UnionFind(n)
+    for a, b in pair_scores:
+        uf.union(a, b)
+    groups: dict[int, list[int]] = {}
+    for x in sorted({x for ab in pair_scores for x in ab}):
+        groups.setdefault(uf.find(x), []).append(x)
+    clusters = sorted(groups.values(), key=lambda g: (-len(g), g[0]))
+    ids = E.ids
+    sign = 1.0 if metric == "l2" else -1.0
+    pairs = [DuplicatePair(ids[a], ids[b], s, tr) for (a, b), (s, tr) in
+             sorted(pair_scores.items(), key=lambda kv: (sign * kv[1][0], kv[0]))]
+    report = DuplicateReport(pairs, [[ids[i] for i in g] for g in clusters], t, E.embedder, metric, n, skipped,
+                             rule, int(k), images.source, list(inv))
+    log.info("find_duplicates: %d images, %d pairs, %d clusters (%s)", n, len(pairs), len(clusters), rule)
+    return _attach(report, _images=images)
+
+
+def _is_pixel(emb) -> bool:
+    """The plain pixel embedder (HWC vectors at ``emb.size``), not the tiled one."""
+    return _tiles(emb) is None and (getattr(emb, "kind", None) == "pixel" or type(emb).__name__ == "PixelEmbedder")
+
+
+def _check_invariances(invariances, pixel: bool, emb) -> tuple[str, ...]:
+    if invariances is None:
+        return PIXEL_INVARIANCES if pixel else ()
+    if isinstance(invariances, str):
+        invariances = [x for x in invariances.replace(" ", "").split(",") if x and x != "none"]
+    inv = tuple(dict.fromkeys(str(x) for x in invariances))
+    bad = [x for x in inv if x not in INVARIANCES]
+    if bad:
+        raise ValueError(f"invariances={bad}: allowed values are {list(INVARIANCES)} (or none)")
+    if inv and not pixel:
+        raise ValueError(f"invariances={list(inv)} apply to the pixel embedder only; {getattr(emb, 'name', emb)!r} "
+                         "compares images as they are (SSCD and CLIP are trained to ignore such edits)")
+    return inv
+
+
+def _indexed_duplicates(E, emb, k: int, threshold: float | None):
+    """Duplicates of any embedder by k-nearest-neighbour search in an EmbeddingIndex (tiled: re-scored with tiled
+    L2). Returns ({(a, b): (score, "")}, threshold, rule)."""
+    from .index import EmbeddingIndex, self_neighbors
+
+    n = len(E)
+    metric = E.metric
     index = EmbeddingIndex.from_embeddings(E, kind="auto")
     tiles = _tiles(emb)
     vectors = E.vectors
@@ -417,14 +504,14 @@ def find_duplicates(images, embedder: Any = "pixel", threshold: float | None = N
     def passes(x):
         return (x <= t) if metric == "l2" else (x >= t)
 
-    pair_scores: dict[tuple[int, int], float] = {}
+    pair_scores: dict[tuple[int, int], tuple[float, str]] = {}
 
     def collect(rows: np.ndarray, S: np.ndarray, I: np.ndarray) -> None:
         ok = passes(S) & (I >= 0)
         for r, c in zip(*np.nonzero(ok)):
             a, b = int(rows[r]), int(I[r, c])
             key = (a, b) if a < b else (b, a)
-            pair_scores.setdefault(key, float(S[r, c]))
+            pair_scores.setdefault(key, (float(S[r, c]), ""))
 
     rows = np.arange(n)
     collect(rows, S, I)
@@ -435,22 +522,137 @@ def find_duplicates(images, embedder: Any = "pixel", threshold: float | None = N
         S2, I2 = neighbours(kk, rows=sat)
         collect(sat, S2, I2)
         sat = sat[passes(S2[:, -1]) & (I2[:, -1] >= 0)]
+    return pair_scores, t, rule
 
-    uf = _UnionFind(n)
-    for a, b in pair_scores:
-        uf.union(a, b)
-    groups: dict[int, list[int]] = {}
-    for x in sorted({x for ab in pair_scores for x in ab}):
-        groups.setdefault(uf.find(x), []).append(x)
-    clusters = sorted(groups.values(), key=lambda g: (-len(g), g[0]))
-    ids = E.ids
-    sign = 1.0 if metric == "l2" else -1.0
-    pairs = [DuplicatePair(ids[a], ids[b], s) for (a, b), s in
-             sorted(pair_scores.items(), key=lambda kv: (sign * kv[1], kv[0]))]
-    report = DuplicateReport(pairs, [[ids[i] for i in g] for g in clusters], t, E.embedder, metric, n, skipped,
-                             rule, int(k), images.source)
-    log.info("find_duplicates: %d images, %d pairs, %d clusters (%s)", n, len(pairs), len(clusters), rule)
-    return _attach(report, _images=images)
+
+# ------------------------------------------------------------------------------------------- pixel duplicates
+def _pool(X: np.ndarray, h: int, w: int, p: int, mirror: bool = False, block: int = 2048) -> np.ndarray:
+    """Average-pool HWC vectors (n, h*w*3) over p x p blocks (the bottom/right remainder is left out) -> float32
+    (n, (h//p)*(w//p)*3); ``mirror``: of the left-right mirrored images."""
+    n = len(X)
+    hp, wp = h // p, w // p
+    out = np.empty((n, hp * wp * 3), np.float32)
+    for s in range(0, n, block):
+        A = X[s:s + block].reshape(-1, h, w, 3)
+        if mirror:
+            A = A[:, :, ::-1]
+        A = A[:, : hp * p, : wp * p]
+        m = len(A)
+        A = np.ascontiguousarray(A).reshape(m, hp, p, wp * p * 3).sum(axis=2, dtype=np.float32)
+        A = A.reshape(m, hp, wp, p, 3).sum(axis=3, dtype=np.float32)
+        out[s:s + m] = A.reshape(m, -1) / np.float32(p * p)
+    return out
+
+
+def _pair_distances(X: np.ndarray, h: int, w: int, a: np.ndarray, b: np.ndarray, mirror: bool) -> np.ndarray:
+    """Exact L2 distances between rows ``a[i]`` (mirrored left-right when ``mirror``) and ``b[i]`` of X, computed
+    as direct differences in float32, in blocks of ~16 MB."""
+    out = np.empty(len(a), np.float32)
+    dim = X.shape[1]
+    step = max(1, (1 << 22) // max(1, dim))
+    for s in range(0, len(a), step):
+        A = X[a[s:s + step]]
+        if mirror:
+            A = A.reshape(-1, h, w, 3)[:, :, ::-1].reshape(len(A), dim)
+        A -= X[b[s:s + step]]
+        out[s:s + step] = np.sqrt(np.einsum("ij,ij->i", A, A))
+    return out
+
+
+def _pixel_duplicates(vectors: np.ndarray, size: tuple[int, int], k: int, threshold: float | None,
+                      inv: tuple[str, ...], emb):
+    """Pixel duplicates by the exact coarse-to-fine search of the module docstring.
+
+    Returns ({(a, b): (score, transform)}, threshold, rule). ``vectors`` (n, h*w*3), HWC; centred in place when
+    ``"brightness"`` is asked for (a copy is made when they are read-only).
+    """
+    from .index import EmbeddingIndex
+
+    h, w = int(size[0]), int(size[1])
+    X = vectors if vectors.flags.writeable else np.array(vectors, dtype=np.float32)
+    n, dim = X.shape
+    if "brightness" in inv:
+        for s in range(0, n, 4096):
+            X[s:s + 4096] -= X[s:s + 4096].mean(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
+    p = max(1, min(h, w) // COARSE_SIDE)
+    low = _pool(X, h, w, p) if p > 1 else X
+    index = EmbeddingIndex(low.shape[1], "l2", kind="auto")
+    index.add(low)
+    lowm = None
+    if "hflip" in inv:  # pooled vectors of the mirrored images (= the mirrored pooled grid when p divides w)
+        src, ph, pw = (low, h // p, w // p) if w % p == 0 else (None, h, w)
+        lowm = (_pool(X, h, w, p, mirror=True) if src is None else
+                np.ascontiguousarray(src.reshape(n, ph, pw, 3)[:, :, ::-1].reshape(n, -1)))
+
+    def candidates(Q: np.ndarray, rows: np.ndarray, kk: int):
+        """The kk nearest pooled vectors to Q (queries of ``rows``), each row's own vector left out."""
+        D, I = index.search(Q, min(kk + 1, n), refine=True)
+        order = np.argsort(I == rows[:, None], axis=1, kind="stable")[:, :kk]
+        return np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1)
+
+    k0 = min(k, n - 1)
+    first = candidates(low, np.arange(n), k0)
+    if threshold is None:
+        t, rule = _pixel_threshold(X, h, w, p, first, k0, candidates, low, emb, inv)
+    else:
+        t = float(threshold)
+        rule = f"distance <= {t:g} (given)"
+    if inv:
+        rule += "; " + "; ".join(_INV_TEXT[x] for x in inv)
+    radius = t / p * (1 + 1e-4) + 1e-6  # every pair within t at full resolution is within t/p pooled
+    pair_scores: dict[tuple[int, int], tuple[float, str]] = {}
+    for mirror in (False, True) if lowm is not None else (False,):
+        Q = lowm if mirror else low
+        rows, kk = np.arange(n), k0
+        D, I = first if not mirror else candidates(Q, rows, kk)
+        while True:
+            near = (I >= 0) & (D <= radius)
+            r, c = np.nonzero(near)
+            a, b = rows[r], I[r, c]
+            F = _pair_distances(X, h, w, a, b, mirror)
+            tr = "hflip" if mirror else ""
+            for ai, bi, f in zip(a[F <= t].tolist(), b[F <= t].tolist(), F[F <= t].tolist()):
+                key = (ai, bi) if ai < bi else (bi, ai)
+                if key not in pair_scores or f < pair_scores[key][0]:
+                    pair_scores[key] = (f, tr)  # a mirror is its own inverse: the transform is symmetric
+            sat = near[:, -1] if kk < n - 1 else np.zeros(len(rows), bool)
+            if not sat.any():
+                break
+            rows, kk = rows[sat], min(n - 1, kk * 4)  # all candidates may be duplicates: look further
+            D, I = candidates(Q[rows], rows, kk)
+    return pair_scores, t, rule
+
+
+def _pixel_threshold(X, h, w, p, first, k0, candidates, low, emb, inv):
+    """The default threshold rule on (centred) pixel vectors, with each image's nearest *distinct* image certified
+    exactly: a candidate at full-resolution distance r is the nearest when r <= p x the pooled distance of the last
+    candidate (no other image can be closer); other rows are searched again with 4x more candidates."""
+    n, dim = X.shape
+    t_abs = 10 ** (-DUPLICATE_PSNR_DB / 20) * math.sqrt(dim)
+    nearest = np.full(n, np.inf)
+    rows, kk = np.arange(n), k0
+    D, I = first
+    while len(rows):
+        best = np.full(len(rows), np.inf)
+        bound = p * D.astype(np.float64)  # no image beyond candidate j is closer than bound[:, j]
+        for j in range(I.shape[1]):  # re-score a candidate only where it could still beat the best so far
+            need = (I[:, j] >= 0) & ~(best <= bound[:, j])
+            if not need.any():
+                break
+            f = _pair_distances(X, h, w, rows[need], I[need, j], False).astype(np.float64)
+            best[need] = np.minimum(best[need], np.where(f > t_abs, f, np.inf))
+        nearest[rows] = best
+        if kk >= n - 1:
+            break
+        unsure = ~(best <= bound[:, -1])
+        rows, kk = rows[unsure], min(n - 1, kk * 4)
+        if len(rows):
+            D, I = candidates(low[rows], rows, kk)
+    return _duplicate_threshold(emb, "l2", dim, nearest[:, None], None)
+
+
+_INV_TEXT = {"brightness": "each image's mean grey level removed",
+             "hflip": "mirrored images compared too (score: the smaller distance)"}
 
 
 def _embed_fn(backend: str):

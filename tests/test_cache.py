@@ -210,3 +210,33 @@ def test_lookup_100k_is_fast(tmp_path):
     assert found[:-1].all() and not found[-1]
     np.testing.assert_allclose(got, vecs[::-1], atol=2e-2, rtol=1e-3)
     assert elapsed < 10  # generous: one pass over the shards, a dict lookup per key
+
+
+def test_embed_keeps_values_too_large_for_float16(tmp_path):
+    """embed() gathers vectors at the cache's float16 precision; a later batch with values beyond float16's range
+    switches to float32 without turning them into inf, and the earlier batches keep their float16-rounded values
+    (the same numbers a cached re-run returns)."""
+    from diffaudit.embedders import embed
+    from diffaudit.embedders.base import Embedder
+
+    class Scaled(Embedder):
+        name = "scaled-mean"
+        metric = "l2"
+
+        def embed_batch(self, images):
+            m = np.array([float(np.asarray(a, np.float64).mean()) for a in images])
+            return np.stack([m / 255.0 + 1 / 3, m * 1000.0 + 1e5 * (m > 120)], axis=1).astype(np.float32)
+
+    x = digits_rgb(12, 8)
+    order = np.argsort([a.mean() for a in x])  # dark images first: the large values come in a later batch
+    images = ImageSet.from_arrays(x[order])
+    first = embed(images, Scaled(), cache_dir=tmp_path, batch_size=4)
+    m = np.array([a.astype(np.float64).mean() for a in x[order]])
+    want = np.stack([m / 255.0 + 1 / 3, m * 1000.0 + 1e5 * (m > 120)], axis=1).astype(np.float32)
+    assert np.isfinite(first.vectors).all()
+    big = want[:, 1] > 65504
+    assert big.any() and (~big).any()
+    np.testing.assert_array_equal(first.vectors[big], want[big])  # stored exactly, as float32
+    np.testing.assert_allclose(first.vectors, want, rtol=1e-3)
+    again = embed(images, Scaled(), cache_dir=tmp_path, batch_size=4)  # served from the cache
+    np.testing.assert_array_equal(again.vectors, first.vectors)

@@ -76,6 +76,13 @@ def planted(tmp_path_factory):
         truth[f"copies/shift_{i:04d}.png"] = (src(i), "shift")
     _save(np.asarray(Image.fromarray(x[33][3:29, 3:29]).resize((32, 32), Image.BILINEAR)), root / "copies" / "crop_0033.png")
     truth["copies/crop_0033.png"] = (src(33), "crop")
+    for i in range(60, 64):  # uniformly brighter (+12 grey levels, clipped at 255) or darker (-12)
+        shifted = np.clip(x[i].astype(np.int16) + (12 if i % 2 else -12), 0, 255).astype(np.uint8)
+        _save(shifted, root / "copies" / f"bright_{i:04d}.png")
+        truth[f"copies/bright_{i:04d}.png"] = (src(i), "bright")
+    for i in range(64, 68):  # mirrored left-right
+        _save(x[i][:, ::-1].copy(), root / "copies" / f"hflip_{i:04d}.png")
+        truth[f"copies/hflip_{i:04d}.png"] = (src(i), "hflip")
     # a bigger cluster: digit 40 with two exact copies and a resized one
     _save(x[40], root / "copies" / "multi_a.png")
     _save(x[40], root / "copies" / "multi_b.png")
@@ -87,8 +94,23 @@ def planted(tmp_path_factory):
     return root, truth
 
 
+def _brute_l2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    sa, sb = (a * a).sum(1), (b * b).sum(1)
+    return np.sqrt(np.maximum(sa[:, None] + sb[None] - 2 * a @ b.T, 0))
+
+
+def _rule(d_direct: np.ndarray, dim: int) -> float:
+    """The documented threshold rule, from a brute-force distance matrix (diagonal inf): min(PSNR 30 dB in L2 units,
+    1/3 x median over images of the distance to the nearest image farther than that PSNR bound)."""
+    t_abs = 10 ** (-DUPLICATE_PSNR_DB / 20) * math.sqrt(dim)
+    firsts = [row[row > t_abs].min() for row in d_direct if (row > t_abs).any()]
+    return min(t_abs, np.median(firsts) / 3)
+
+
 @pytest.fixture(scope="module")
 def pixel_run(planted, tmp_path_factory):
+    """find_duplicates with the pixel defaults, and brute-force references on the same (cached) vectors: centred
+    vectors (each image's mean subtracted), direct and mirrored distance matrices over all pairs."""
     root, truth = planted
     cache = tmp_path_factory.mktemp("cache")
     images = ImageSet.from_folder(root)
@@ -96,21 +118,26 @@ def pixel_run(planted, tmp_path_factory):
     emb = get_embedder("pixel")
     E = embed(images, emb, cache_dir=cache)  # same vectors, for the brute-force reference
     v = E.vectors.astype(np.float64)
-    sq = (v * v).sum(1)
-    d = np.sqrt(np.maximum(sq[:, None] + sq[None] - 2 * v @ v.T, 0))
-    np.fill_diagonal(d, np.inf)
-    return images, report, E, d, cache
+    vc = v - v.mean(axis=1, keepdims=True)
+    h, w = emb.size
+    mirrored = vc.reshape(len(vc), h, w, 3)[:, :, ::-1].reshape(len(vc), -1)
+    d_direct, d_mirror = _brute_l2(vc, vc), _brute_l2(mirrored, vc)
+    np.fill_diagonal(d_direct, np.inf)
+    np.fill_diagonal(d_mirror, np.inf)
+    return images, report, E, (d_direct, d_mirror), cache
 
 
-def test_pixel_finds_exact_and_resized_copies_and_no_distinct_pairs(planted, pixel_run):
+def test_pixel_finds_exact_resized_brightened_and_mirrored_copies_and_no_distinct_pairs(planted, pixel_run):
     root, truth = planted
-    images, report, E, d, _ = pixel_run
+    images, report, E, _, _ = pixel_run
     assert report.num_images == len(images) == N_DIGITS + len(truth)
     assert report.metric == "l2" and report.embedder == "pixel-64x64"  # mixed sizes -> 64x64
-    pairs = {frozenset((p.id_a, p.id_b)) for p in report.pairs}
+    assert report.invariances == ["brightness", "hflip"]
+    pairs = {frozenset((p.id_a, p.id_b)): p for p in report.pairs}
     for copy, (source, kind) in truth.items():
-        if kind in ("exact", "resized", "jpeg"):
+        if kind in ("exact", "resized", "jpeg", "bright", "hflip"):
             assert frozenset((copy, source)) in pairs, (copy, kind)
+            assert pairs[frozenset((copy, source))].transform == ("hflip" if kind == "hflip" else ""), (copy, kind)
     # no pair, and no cluster, joins two distinct digits
     originals = {f"digits/d{i:04d}.png" for i in range(N_DIGITS)}
     for p in report.pairs:
@@ -122,32 +149,50 @@ def test_pixel_finds_exact_and_resized_copies_and_no_distinct_pairs(planted, pix
     assert sorted(multi) == sorted(["copies/multi_a.png", "copies/multi_b.png", "copies/multi_c.png",
                                     "digits/d0040.png"])
     # exact copies score exactly 0
-    for p in report.pairs:
-        if frozenset((p.id_a, p.id_b)) == frozenset(("copies/exact_0000.png", "digits/d0000.png")):
-            assert p.score == 0.0
+    assert pairs[frozenset(("copies/exact_0000.png", "digits/d0000.png"))].score == 0.0
 
 
 def test_pixel_threshold_follows_documented_rule_and_pairs_equal_brute_force(pixel_run):
-    images, report, E, d, _ = pixel_run
-    n = len(E.ids)
-    # rule, recomputed from the brute-force matrix: min(PSNR 30 dB in L2 units, 1/3 median nearest-distinct distance)
-    t_abs = 10 ** (-DUPLICATE_PSNR_DB / 20) * math.sqrt(E.dim)
-    srt = np.sort(d, axis=1)[:, : report.k]
-    firsts = [row[row > t_abs][0] for row in srt if (row > t_abs).any()]
-    t_expected = min(t_abs, np.median(firsts) / 3)
-    assert report.threshold == pytest.approx(t_expected, rel=1e-4)
-    assert "PSNR" in report.threshold_rule
-    # every pair within the threshold (brute force over all pairs) is reported, and nothing else
+    images, report, E, (d_direct, d_mirror), _ = pixel_run
+    assert report.threshold == pytest.approx(_rule(d_direct, E.dim), rel=1e-4)
+    assert "PSNR" in report.threshold_rule and "mirrored" in report.threshold_rule
+    # every pair within the threshold, direct or mirrored (brute force over all pairs), is reported, nothing else
+    d = np.minimum(d_direct, d_mirror)
     ii, jj = np.nonzero(np.triu(d <= report.threshold, 1))
     expected = {frozenset((E.ids[i], E.ids[j])) for i, j in zip(ii, jj)}
     assert {frozenset((p.id_a, p.id_b)) for p in report.pairs} == expected
     for p in report.pairs:
-        assert p.score == pytest.approx(d[E.ids.index(p.id_a), E.ids.index(p.id_b)], abs=1e-3)
-    # margin: the closest distinct digits are well outside
+        a, b = E.ids.index(p.id_a), E.ids.index(p.id_b)
+        assert p.score == pytest.approx(d[a, b], abs=1e-3)
+        if abs(d_mirror[a, b] - d_direct[a, b]) > 1e-3:  # not a near tie: the transform names the smaller one
+            assert p.transform == ("hflip" if d_mirror[a, b] < d_direct[a, b] else "")
+    # margin: the closest distinct digits are well outside, mirrored or not
     orig = [i for i, s in enumerate(E.ids) if s.startswith("digits/")]
-    sub = d[np.ix_(orig, orig)]
-    assert sub.min() > 1.1 * report.threshold
-    assert n == len(images)
+    assert d[np.ix_(orig, orig)].min() > 1.1 * report.threshold
+    assert len(E.ids) == len(images)
+
+
+def test_pixel_without_invariances_equals_raw_brute_force(planted, pixel_run):
+    root, truth = planted
+    images, _, E, _, cache = pixel_run
+    report = find_duplicates(images, "pixel", cache_dir=cache, invariances=(), k=3)
+    assert report.invariances == []
+    v = E.vectors.astype(np.float64)
+    d = _brute_l2(v, v)
+    np.fill_diagonal(d, np.inf)
+    assert report.threshold == pytest.approx(_rule(d, E.dim), rel=1e-4)
+    ii, jj = np.nonzero(np.triu(d <= report.threshold, 1))
+    assert {frozenset((p.id_a, p.id_b)) for p in report.pairs} == {frozenset((E.ids[i], E.ids[j]))
+                                                                   for i, j in zip(ii, jj)}
+    assert all(p.transform == "" for p in report.pairs)
+    found = {frozenset((p.id_a, p.id_b)) for p in report.pairs}
+    for copy, (source, kind) in truth.items():  # raw pixels: a mirror image is not a duplicate
+        if kind == "hflip":
+            assert frozenset((copy, source)) not in found
+    with pytest.raises(ValueError, match="allowed values"):
+        find_duplicates(images, "pixel", cache_dir=cache, invariances=("rotate",))
+    with pytest.raises(ValueError, match="pixel embedder only"):
+        find_duplicates(images, "tiled", cache_dir=cache, invariances=("hflip",))
 
 
 def test_json_csv_round_trip(pixel_run, tmp_path):
@@ -311,3 +356,63 @@ def test_errors(tmp_path):
     with pytest.raises(ValueError, match="images="):
         DuplicateReport.from_json(r.to_json()).to_html()
     json.loads(r.to_json())
+
+
+def test_cli_dedup_invariances(tmp_path):
+    """`diffaudit dedup` finds a mirrored and a brightened copy by default, neither with --invariances none, and
+    refuses an unknown invariance with one line (exit 2)."""
+    from typer.testing import CliRunner
+
+    from diffaudit.cli import app
+
+    x = digits_rgb(40, 32)
+    for i, a in enumerate(x):
+        _save(a, tmp_path / "imgs" / f"d{i:02d}.png")
+    _save(x[3][:, ::-1].copy(), tmp_path / "imgs" / "mirror_of_3.png")
+    _save(np.clip(x[5].astype(np.int16) - 15, 0, 255).astype(np.uint8), tmp_path / "imgs" / "darker_5.png")
+    runner = CliRunner()
+    common = [str(tmp_path / "imgs"), "--cache", str(tmp_path / "cache")]
+    r = runner.invoke(app, ["dedup", *common, "--out", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    got = json.loads((tmp_path / "out" / "duplicates.json").read_text())
+    pairs = {frozenset((p["id_a"], p["id_b"])): p["transform"] for p in got["pairs"]}
+    assert pairs == {frozenset(("d03.png", "mirror_of_3.png")): "hflip", frozenset(("d05.png", "darker_5.png")): ""}
+    assert got["invariances"] == ["brightness", "hflip"]
+    assert "transform" in (tmp_path / "out" / "duplicates.csv").read_text().splitlines()[0]
+    r = runner.invoke(app, ["dedup", *common, "--out", str(tmp_path / "raw"), "--invariances", "none"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "raw" / "duplicates.json").read_text())["pairs"] == []
+    r = runner.invoke(app, ["dedup", *common, "--out", str(tmp_path / "bad"), "--invariances", "brightness,rotate"])
+    assert r.exit_code == 2 and "allowed values" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("hw", [(35, 53), (64, 48), (12, 20)])
+def test_pixel_search_equals_brute_force_on_odd_sizes(hw, tmp_path):
+    """Coarse-to-fine search == brute force over all pairs (direct and mirrored, centred), for sizes the pooling
+    does not divide (35x53: p=2 leaves a column out), a mirrored pooled grid (64x48: p=3) and no pooling (12x20)."""
+    h, w = hw
+    rng = np.random.default_rng(h * w)
+    base = rng.integers(0, 256, size=(40, 4, 5, 3), dtype=np.uint8)
+    imgs = np.stack([np.asarray(Image.fromarray(b).resize((w, h), Image.BILINEAR)) for b in base])
+    copies = [imgs[0], imgs[1][:, ::-1], np.clip(imgs[2].astype(np.int16) + 9, 0, 255).astype(np.uint8),
+              imgs[3][:, ::-1], imgs[3]]  # imgs[3] appears mirrored and exact: a cluster of three
+    x = np.concatenate([imgs, np.stack(copies)])
+    images = ImageSet.from_arrays(x)
+    v = embed(images, get_embedder("pixel"), cache=False).vectors.astype(np.float64)
+    vc = v - v.mean(axis=1, keepdims=True)
+    m = vc.reshape(len(vc), h, w, 3)[:, :, ::-1].reshape(len(vc), -1)
+    d_direct, d = _brute_l2(vc, vc), np.minimum(_brute_l2(vc, vc), _brute_l2(m, vc))
+    np.fill_diagonal(d_direct, np.inf)
+    np.fill_diagonal(d, np.inf)
+    srt = np.sort(d[np.triu_indices(len(d), 1)])
+    for thr in (None, float(srt[29] + srt[30]) / 2):  # the rule, and a threshold between the 30th and 31st pair
+        rep = find_duplicates(images, "pixel", threshold=thr, cache_dir=tmp_path, k=2)
+        t = rep.threshold
+        if thr is None:
+            assert t == pytest.approx(_rule(d_direct, v.shape[1]), rel=1e-4)
+        ii, jj = np.nonzero(np.triu(d <= t, 1))
+        got = {frozenset((p.id_a, p.id_b)) for p in rep.pairs}
+        assert got == {frozenset((images.ids[i], images.ids[j])) for i, j in zip(ii, jj)}
+    names = images.ids
+    assert {frozenset((names[0], names[40])), frozenset((names[1], names[41])), frozenset((names[2], names[42])),
+            frozenset((names[3], names[43])), frozenset((names[3], names[44]))} <= got

@@ -89,12 +89,12 @@ def normalize_uint8(u, mean, std, device: str = "cpu"):
 
 def resize_float_hwc(arr: np.ndarray, size: tuple[int, int], device: str = "cpu") -> np.ndarray:
     """uint8 (N, H, W, 3) -> float32 (N, h, w, 3) in [0, 1]: antialiased bilinear in float32 (no uint8 rounding);
-    plain numpy (no resampling) when the size already matches."""
+    plain numpy (no resampling, torch not even imported) when the size already matches."""
+    if tuple(arr.shape[1:3]) == tuple(size):
+        return np.divide(arr, np.float32(255.0), dtype=np.float32)
     import torch
     import torch.nn.functional as F
 
-    if tuple(arr.shape[1:3]) == tuple(size):
-        return np.divide(arr, np.float32(255.0), dtype=np.float32)
     x = np.ascontiguousarray(arr.transpose(0, 3, 1, 2), dtype=np.float32)
     x /= np.float32(255.0)
     y = F.interpolate(torch.from_numpy(x).to(device), size=tuple(size), mode="bilinear", antialias=True,
@@ -182,7 +182,18 @@ class PixelEmbedder(Embedder):
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: must be >= 1")
-        self.device = device or default_device()
+        self._device = device
+
+    @property
+    def device(self) -> str:
+        """Where images are resized; decided on first use (torch is imported only when an image needs resizing)."""
+        if self._device is None:
+            self._device = default_device()
+        return self._device
+
+    @device.setter
+    def device(self, value: str | None) -> None:
+        self._device = value
 
     # -- size -----------------------------------------------------------------------------------------------------
     def _fit_size(self, hw: tuple[int, int]) -> tuple[int, int]:
@@ -229,19 +240,20 @@ class PixelEmbedder(Embedder):
         imgs = [as_rgb_uint8(a, i) for i, a in enumerate(images)]
         groups = group_by_shape(imgs)
         if len(groups) == 1:
-            return resize_float_hwc(np.stack(imgs), size, self.device)
+            return self._resize(np.stack(imgs), size)
         out = np.empty((len(imgs), size[0], size[1], 3), np.float32)
         for idx in groups.values():
-            out[idx] = resize_float_hwc(np.stack([imgs[i] for i in idx]), size, self.device)
+            out[idx] = self._resize(np.stack([imgs[i] for i in idx]), size)
         return out
 
-    def embed_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        import torch
+    def _resize(self, arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        same = tuple(arr.shape[1:3]) == tuple(size)
+        return resize_float_hwc(arr, size, "cpu" if same else self.device)  # no device (no torch) needed when same
 
+    def embed_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
         if len(images) == 0:
             return np.zeros((0, self.dim or 0), np.float32)
-        with torch.inference_mode():
-            return self._hwc(images).reshape(len(images), -1)  # HWC order
+        return self._hwc(images).reshape(len(images), -1)  # HWC order (no autograd: plain tensors, no parameters)
 
     def describe(self) -> dict:
         d = super().describe()

@@ -180,10 +180,11 @@ def render_duplicates(report: "DuplicateReport", images, *, path: str | os.PathL
 
     if report.pairs:
         parts.append(f"<section id=\"pairs\"><h2>Closest pairs</h2><table class=\"plain\"><thead><tr><th>image A</th>"
-                     f"<th>image B</th><th>{esc(unit)}</th></tr></thead><tbody>")
+                     f"<th>image B</th><th>{esc(unit)}</th><th>compared</th></tr></thead><tbody>")
         for p in report.pairs[:max_pairs]:
+            how = {"": "as is", "hflip": "A mirrored"}.get(p.transform, p.transform)
             parts.append(f"<tr><td class=\"id\">{esc(p.id_a)}</td><td class=\"id\">{esc(p.id_b)}</td>"
-                         f"<td class=\"num\">{esc(_fmt(p.score, metric))}</td></tr>")
+                         f"<td class=\"num\">{esc(_fmt(p.score, metric))}</td><td>{esc(how)}</td></tr>")
         parts.append("</tbody></table>")
         if len(report.pairs) > max_pairs:
             parts.append(f"<p class=\"note\">{len(report.pairs) - max_pairs:,} more pairs in the CSV/JSON.</p>")
