@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 GU_RATIO = 1.0 / 3.0  # Gu et al. 2023
 HALF_RATIO = 0.5
 CARLINI_N = 50  # Carlini et al. 2023: n nearest neighbours in the calibrated ratio
+#: most training neighbours searched per sample for the duplicate-merged Gu ratio (a larger duplicate group is cut
+#: there; dedup_second_distance then uses the last distance: the ratio is over-estimated, never flagged wrongly)
+MAX_DEDUP_K = 256
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -189,6 +192,11 @@ class EmbedderReference:
     knn_mean: Optional[np.ndarray]  # (n,) Carlini's mean distance to n nearest (tiled embedder)
     heldout_top1: Optional[np.ndarray]  # (m,) held-out images' top-1 score to train
     heldout_nn: Optional[np.ndarray] = None
+    groups: Optional[np.ndarray] = None  # (n,) duplicate-group label (connected components of duplicate pairs)
+
+    @property
+    def largest_group(self) -> int:
+        return int(np.bincount(self.groups).max()) if self.groups is not None and len(self.groups) else 1
 
     @property
     def metric(self) -> str:
@@ -206,6 +214,16 @@ class EmbedderReference:
         """Scores -> distances (smaller = closer): identity for l2, 1 - similarity for cosine (clipped to [0, 2]:
         float32 similarities of exact copies can exceed 1 by an ulp, and a negative distance is refused downstream)."""
         return scores if self.metric == "l2" else np.clip(1.0 - scores, 0.0, 2.0)
+
+
+def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Connected-component label (0..) of each of ``n`` nodes for the edges ``a[i] - b[i]``."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    keep = (b >= 0) & (a != b)
+    g = coo_matrix((np.ones(int(keep.sum()), np.int8), (a[keep], b[keep])), shape=(n, n))
+    return connected_components(g, directed=False)[1].astype(np.int64)
 
 
 def _as_imageset(images, what: str):
@@ -296,10 +314,9 @@ class ReferenceSet:
                 s_idx = np.take_along_axis(s_idx, order, 1)
                 ref_dist = s_scores
             thr = duplicate_threshold(emb, s_scores[:, 0])
-            if emb.metric == "l2":
-                dup = (s_scores <= thr).sum(axis=1)
-            else:
-                dup = (s_scores >= thr).sum(axis=1)
+            within = (s_scores <= thr) if emb.metric == "l2" else (s_scores >= thr)
+            dup = within.sum(axis=1)
+            groups = _components(n, np.repeat(np.arange(n), k)[within.reshape(-1)], s_idx[within])
             outlier = ref_dist[:, : min(outlier_k, k)].mean(axis=1)
             knn_mean = ref_dist[:, : min(CARLINI_N, k)].mean(axis=1) if emb.metric == "l2" else None
             h_top1 = h_nn = None
@@ -313,7 +330,7 @@ class ReferenceSet:
                 EmbedderReference(
                     embedder=emb, train_ids=list(e_train.ids), index=index, self_scores=s_scores,
                     self_indices=s_idx, duplicates=dup.astype(int), outlier=outlier, knn_mean=knn_mean,
-                    heldout_top1=h_top1, heldout_nn=h_nn,
+                    heldout_top1=h_top1, heldout_nn=h_nn, groups=groups,
                 )
             )
         # de-duplicate skipped entries (each embedder reports the same decode failures)
@@ -388,6 +405,7 @@ def evaluate_samples(
         authenticity,
         calibrated_ratio,
         ct_statistic,
+        dedup_second_distance,
         extraction_fraction,
         memorization_fraction,
         nn_ratio,
@@ -407,8 +425,11 @@ def evaluate_samples(
     for r in ref.refs:
         emb = r.embedder
         e = embed(samples, emb, cache_dir=None, cache=False)
-        k = 2
-        scores, nn = ReferenceSet._search(r.index, emb, e.vectors, k)
+        gu = r.metric == "l2" and not r.is_tiled
+        # Gu's rule with training duplicates merged needs neighbours past the nearest image's whole duplicate group
+        k = min(r.index.ntotal, max(2, r.largest_group + 1), MAX_DEDUP_K) if gu and r.groups is not None else 2
+        scores_k, nn_k = ReferenceSet._search(r.index, emb, e.vectors, k)
+        scores, nn = scores_k[:, :2], nn_k[:, :2]
         d = r.as_distance(scores)
         base_mean, base_p95 = top1_summary(r.self_scores[:, 0], r.metric)
         top_mean, top_p95 = top1_summary(scores[:, 0], r.metric)
@@ -418,9 +439,12 @@ def evaluate_samples(
             train_baseline_top1_p95=base_p95,
         )
         ratio = nn_ratio(d[:, 0], d[:, 1])
-        if r.metric == "l2" and not r.is_tiled:
+        if gu:
             m.memorization_ratio = memorization_fraction(d[:, 0], d[:, 1], GU_RATIO, confidence=confidence)
             m.memorization_ratio_half = memorization_fraction(d[:, 0], d[:, 1], HALF_RATIO, confidence=confidence)
+            if r.groups is not None:
+                d2 = dedup_second_distance(r.as_distance(scores_k), nn_k, r.groups)
+                m.memorization_ratio_dedup = memorization_fraction(d[:, 0], d2, GU_RATIO, confidence=confidence)
             copied = ratio < GU_RATIO
             rank = ratio
         elif r.metric == "cosine":

@@ -46,6 +46,9 @@ class EmbedderMetrics(JsonMixin):
     # Gu et al. 2023: fraction of samples with d1/d2 < 1/3 (and < 1/2), l2 embedders
     memorization_ratio: Optional[Estimate] = None
     memorization_ratio_half: Optional[Estimate] = None
+    # the same 1/3 rule with d2 = nearest training image that is not a duplicate of the nearest one (training
+    # duplicates merged, see diffaudit.metrics.memorization); equals memorization_ratio when train has no duplicates
+    memorization_ratio_dedup: Optional[Estimate] = None
     # Somepalli et al. 2023: fraction with top-1 cosine > threshold, cosine embedders
     replication_rate: Optional[Estimate] = None
     top1_mean: Optional[float] = None

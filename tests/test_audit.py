@@ -308,6 +308,41 @@ def test_planted_duplicate_is_counted(data, tmp_path):
     assert sum(dup.values()) == 2
 
 
+def test_gu_ratio_with_training_duplicates_merged_equals_brute_force(data, tmp_path):
+    """A model that memorizes a training set with duplicates: the literal 1/3 rule misses copies of duplicated images
+    (d1 == d2), the duplicates-merged ratio (d2' = nearest training image not identical to the nearest) counts them.
+    Reference: brute-force distances on the decoded samples, groups = pixel-identical training images."""
+    from diffusers import DDPMScheduler
+
+    train = data["train"].copy()
+    train[5] = train[9]
+    train[11] = train[12] = train[13]  # a pair and a triple of identical images
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    r = audit([(1, OptimalDenoiser(train, sched))], train=da.ImageSet.from_arrays(train), scheduler=sched,
+              num_samples=48, num_inference_steps=8, cache_dir=str(tmp_path / "c"), device="cpu",
+              out_dir=str(tmp_path / "out"))
+    m = r.checkpoints[0].metrics["pixel-16x16"]
+    idx, S = _load_samples(tmp_path / "out", 1)
+    Tf = train.reshape(N_TRAIN, -1).astype(np.float64) / 255.0
+    D = _pairwise(S.reshape(len(S), -1), Tf)
+    nearest = D.argmin(axis=1)
+    same = (train.reshape(N_TRAIN, -1)[nearest][:, None, :] == train.reshape(N_TRAIN, -1)[None]).all(axis=2)
+    d1 = D.min(axis=1)
+    d2_lit = np.sort(D, axis=1)[:, 1]
+    d2_dedup = np.where(same, np.inf, D).min(axis=1)
+    for est, d2 in ((m.memorization_ratio, d2_lit), (m.memorization_ratio_dedup, d2_dedup)):
+        with np.errstate(invalid="ignore"):
+            ratio = np.where(d2 > 0, d1 / np.where(d2 > 0, d2, 1), 1.0)  # 0/0 (on two identical images) -> 1
+        unsure = (np.abs(ratio - GU) <= 2e-3).sum()
+        assert abs(est.value * len(S) - (ratio < GU).sum()) <= unsure
+    on_dups = np.isin(nearest, [5, 9, 11, 12, 13]) & (d1 < 0.05)  # samples that copied a duplicated image
+    assert on_dups.sum() >= 3, on_dups.sum()  # the fixture does exercise the case
+    assert m.memorization_ratio_dedup.value - m.memorization_ratio.value >= (on_dups.sum() - 1) / len(S)
+    r.to_html(tmp_path / "report.html")
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "dups merged" in html and "training duplicates merged" in html
+
+
 # ------------------------------------------------------------------------------------------------ serialisation
 
 

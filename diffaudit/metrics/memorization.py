@@ -12,8 +12,10 @@ Edge cases and the known limitation (duplicates)
   training set has ``d1 == d2`` (ratio 1) and is *not* flagged -- even though duplicated images are exactly the
   ones diffusion models copy most (Carlini et al. 2023; Somepalli et al. 2023). Use :func:`nn_ratio_from_knn` with
   ``dedup_aware=True`` and duplicate-group labels (e.g. from ``find_duplicates``): the second neighbour is then the
-  nearest training image that is *not a duplicate of the first* one. The audit's absolute measures (replication
-  rate, authenticity, extraction) do not have this blind spot.
+  nearest training image that is *not a duplicate of the first* one. The audit reports both: ``memorization_ratio``
+  (Gu et al.'s literal rule, the onset signal) and ``memorization_ratio_dedup`` (duplicate groups = connected
+  components of the training pairs within the duplicate threshold of :mod:`diffaudit.curate`). The audit's absolute
+  measures (replication rate, authenticity, extraction) do not have this blind spot.
 """
 from __future__ import annotations
 

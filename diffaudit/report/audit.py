@@ -49,6 +49,7 @@ REF_COLOR = "#767676"
 ESTIMATE_METRICS = {
     "memorization_ratio": "memorization ratio (d1/d2 < 1/3)",
     "memorization_ratio_half": "memorization ratio (d1/d2 < 1/2)",
+    "memorization_ratio_dedup": "memorization ratio, training duplicates merged (d1/d2' < 1/3)",
     "replication_rate": "replication rate",
     "extraction_fraction": "extraction rate",
 }
@@ -728,6 +729,10 @@ def _charts(result: AuditResult, cks: list[CheckpointResult], colors: dict[str, 
             if metric == "memorization_ratio":
                 series.append(Series(f"{n}: d1/d2 < 1/2", _pts(cks, m_get(n, "memorization_ratio_half")),
                                      colors[n], dash="5 3", band=False))
+                dd = _pts(cks, m_get(n, "memorization_ratio_dedup"))
+                if any(p[1] is not None for p in dd) and dd != _pts(cks, m_get(n, "memorization_ratio")):
+                    series.append(Series(f"{n}: d1/d2' < 1/3, training duplicates merged", dd, colors[n],
+                                         dash="1 3", band=False))
         hl = [HLine(thr, f"onset threshold {fmt_pct(thr)}")] if sig_metric == metric and thr is not None else []
         if add(metric, title, sub, series, fmt=fmt_pct, percent=True, hlines=hl) and hl:
             signal_charted = True
@@ -923,6 +928,9 @@ def _checkpoint_rows(cks: list[CheckpointResult], names: list[str], onset, keep)
         em0 = next((c.metrics[n] for c in cks if n in c.metrics), None)
         if any(n in c.metrics and c.metrics[n].memorization_ratio is not None for c in cks):
             cols.append((n, "memorization_ratio", "memorized"))
+            if any(n in c.metrics and c.metrics[n].memorization_ratio_dedup is not None
+                   and c.metrics[n].memorization_ratio_dedup != c.metrics[n].memorization_ratio for c in cks):
+                cols.append((n, "memorization_ratio_dedup", "memorized, dups merged"))
         if any(n in c.metrics and c.metrics[n].replication_rate is not None for c in cks):
             cols.append((n, "replication_rate", "replicated"))
         if any(n in c.metrics and c.metrics[n].extraction_fraction is not None for c in cks):
