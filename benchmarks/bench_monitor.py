@@ -21,8 +21,8 @@
 loaded weights gives what the callback would have seen at that step) and estimates their overhead from the measured
 cost per evaluation: used to choose the demo's settings.
 
-    .venv/bin/python benchmarks/bench_monitor.py            # full demo settings (3000 steps)
-    .venv/bin/python benchmarks/bench_monitor.py --quick    # the --quick settings (1200 steps)
+    .venv/bin/python benchmarks/bench_monitor.py            # full demo settings (2000 steps)
+    .venv/bin/python benchmarks/bench_monitor.py --quick    # the --quick settings (800 steps)
 
 Writes JSON to benchmarks/results/bench_monitor[-quick].json (or --json). Notes the load average: the machine may be
 shared, and every timing here is wall-clock.
@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from diffaudit.demo import DEMO_MONITOR, DEMO_SETTINGS, demo_monitor, make_demo_scheduler, train_digits_ddpm  # noqa: E402
+from diffaudit.demo import DEMO_MONITOR, DEMO_PATIENCE, DEMO_SETTINGS, demo_monitor, make_demo_scheduler, train_digits_ddpm  # noqa: E402
 
 Z95 = 1.959963984540054
 
@@ -67,9 +67,12 @@ def one_third_fraction(samples_u8: np.ndarray, train_u8: np.ndarray, threshold: 
 
 
 def load_unet(ckpt_dir: Path):
+    """The weights the monitor and the audit evaluate: the EMA UNet (``unet_ema/``) when the run keeps one (the demo
+    does), else the training weights (``unet/``)."""
     from diffusers import UNet2DModel
 
-    return UNet2DModel.from_pretrained(ckpt_dir / "unet")
+    ema = ckpt_dir / "unet_ema"
+    return UNet2DModel.from_pretrained(ema if (ema / "config.json").is_file() else ckpt_dir / "unet")
 
 
 def ground_truth(run, n_samples: int, ddim_steps: int, seed: int, threshold: float) -> dict:
@@ -132,8 +135,13 @@ def variants(run, s: dict, seed: int, specs: list[dict], t_plain: float, steps: 
 
 
 def _settings_from(spec: dict) -> dict:
+    from diffaudit.monitor import OnsetRule
+
     m = {"samples": "num_samples", "ddim": "num_inference_steps", "loss_images": "loss_max_images"}
-    return {m[k]: v for k, v in spec.items() if k in m}
+    out = {m[k]: v for k, v in spec.items() if k in m}
+    if "patience" in spec:
+        out["rule"] = OnsetRule(patience=int(spec["patience"]))
+    return out
 
 
 def main() -> None:
@@ -159,11 +167,11 @@ def main() -> None:
     every = int(DEMO_MONITOR["every_n_steps"])
     load0 = os.getloadavg()
     print(f"load average at start: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} ({os.cpu_count()} cpus)")
-    print(f"settings: {s} steps={steps}; monitor {DEMO_MONITOR} every {every} steps; dense checkpoints every "
+    print(f"settings: {s} steps={steps}; monitor {DEMO_MONITOR} patience {DEMO_PATIENCE}; dense checkpoints every "
           f"{a.dense_every}")
     tmp = tempfile.TemporaryDirectory() if a.keep is None else None
     root = Path(tmp.name) if tmp else a.keep
-    res: dict = {"settings": s, "monitor": dict(DEMO_MONITOR), "steps": steps, "dense_every": a.dense_every,
+    res: dict = {"settings": s, "monitor": {**DEMO_MONITOR, "patience": DEMO_PATIENCE}, "steps": steps, "dense_every": a.dense_every,
                  "load_start": load0, "torch": torch.__version__, "cpus": os.cpu_count()}
     try:
         # (a) overhead
@@ -223,14 +231,15 @@ def main() -> None:
               f"onset_step - gt(low) = {L['lag_onset_vs_low']} steps (evaluation interval {every}; "
               f"target lag(flag) <= {every}: {'met' if met else 'NOT met'})")
         if a.variants:
-            specs = [{"every": e, "samples": n, "ddim": k, "loss_images": li}
-                     for e, n, k, li in [(100, 64, 6, 32), (100, 64, 10, 32), (100, 32, 10, 32),
-                                         (200, 64, 25, 256), (200, 64, 8, 32), (300, 64, 25, 256)]
+            specs = [{"every": e, "samples": n, "ddim": k, "loss_images": li, "patience": pa}
+                     for e, n, k, li, pa in [(100, 64, 8, 32, 2), (100, 64, 8, 32, 1), (100, 128, 8, 32, 2),
+                                             (100, 128, 8, 32, 1), (200, 128, 8, 32, 2), (200, 64, 8, 32, 2),
+                                             (100, 96, 6, 16, 2), (100, 64, 12, 16, 2)]
                      if e % a.dense_every == 0]
             res["variants"] = variants(plain, s, a.seed, specs, plain.train_seconds, steps)
             print("variants (offline replay on the dense checkpoints):")
             for v in res["variants"]:
-                print(f"  every {v['every']:4d} samples {v['samples']:4d} ddim {v['ddim']:3d} loss imgs "
+                print(f"  patience {v.get('patience', 2)} every {v['every']:4d} samples {v['samples']:4d} ddim {v['ddim']:3d} loss imgs "
                       f"{v['loss_images']:4d}: {v['eval_seconds_median']:.2f} s/eval, est. overhead "
                       f"{v['overhead_estimate']:.1%}, onset_step {v['onset_step']}, flag {v['flag']}, "
                       f"flag-gt(low) {lag(v['flag'], gt['onset_low'])}")

@@ -432,10 +432,11 @@ def find_duplicates(images, embedder: Any = "pixel", threshold: float | None = N
         return _attach(DuplicateReport([], [], None if threshold is None else float(threshold), E.embedder, metric,
                                        n, skipped, "fewer than two images", int(k), images.source, list(inv)),
                        _images=images)
-    if pixel:
-        pair_scores, t, rule = _pixel_duplicates(E.vectors, tuple(emb.size), int(k), threshold, inv, emb)
-    else:
-        pair_scores, t, rule = _indexed_duplicates(E, emb, int(k), threshold)
+    with _status(progress, f"searching {n:,} images for duplicates"):
+        if pixel:
+            pair_scores, t, rule = _pixel_duplicates(E.vectors, tuple(emb.size), int(k), threshold, inv, emb)
+        else:
+            pair_scores, t, rule = _indexed_duplicates(E, emb, int(k), threshold)
 
     uf = _UnionFind(n)
     for a, b in pair_scores:
@@ -452,6 +453,17 @@ def find_duplicates(images, embedder: Any = "pixel", threshold: float | None = N
                              rule, int(k), images.source, list(inv))
     log.info("find_duplicates: %d images, %d pairs, %d clusters (%s)", n, len(pairs), len(clusters), rule)
     return _attach(report, _images=images)
+
+
+def _status(enabled: bool, text: str):
+    """A rich spinner on stderr while the search runs (``progress=True``), else nothing."""
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext()
+    from rich.console import Console
+
+    return Console(stderr=True).status(text)
 
 
 def _is_pixel(emb) -> bool:

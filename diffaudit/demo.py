@@ -408,12 +408,17 @@ class DemoResult:
     index_html: Path
 
 
-#: The monitor the demo attaches, measured by benchmarks/bench_monitor.py (overhead <= 10% of training, flag at most one
-#: evaluation interval after the densely measured onset): it evaluates every 100 steps (more often than the
-#: checkpoints the audit reads) with a cheap evaluation - 64 samples of 8 DDIM steps (memorized samples are copies
-#: already at 8 steps: the fraction matches 25 steps within noise) and the denoising loss on <= 32 images per set.
+#: The monitor the demo attaches, chosen with benchmarks/bench_monitor.py --variants (targets: overhead <= 10% of
+#: training, flag at most one evaluation interval after the onset measured densely on the EMA weights with 128
+#: samples of 25 DDIM steps). It evaluates every 100 steps (more often than the checkpoints the audit reads) with a
+#: cheap evaluation: 64 samples of 8 DDIM steps and the denoising loss on <= 32 images per set. 8 DDIM steps count
+#: fewer copies than 25 (13% vs 31% at step 600), so the demo stops at the *first* evaluation whose Wilson 95% lower
+#: bound exceeds 2% (DEMO_PATIENCE = 1; the audit keeps patience 2): that needs >= 4 of 64 samples copied, and the
+#: 1024-digit control never has one. Measured (EMA weights, 2000 steps): onset 400 (dense truth), flag 500; with
+#: patience 2 the flag comes at 600, two intervals late; 128 samples or 200-step intervals cost more or flag later.
 DEMO_MONITOR: dict[str, Any] = {"every_n_steps": 100, "num_samples": 64, "num_inference_steps": 8,
                                 "loss_max_images": 32}
+DEMO_PATIENCE = 1
 
 
 def demo_monitor(train_images: np.ndarray, heldout_images: np.ndarray, *, seed: int = 0,
@@ -421,9 +426,9 @@ def demo_monitor(train_images: np.ndarray, heldout_images: np.ndarray, *, seed: 
     """The :class:`~diffaudit.monitor.MemorizationMonitor` the demo attaches to training (pixel embedder, the
     demo's noise scheduler, :data:`DEMO_MONITOR` settings; ``overrides`` replace them)."""
     from .data import ImageSet
-    from .monitor import MemorizationMonitor
+    from .monitor import MemorizationMonitor, OnsetRule
 
-    kw = {**DEMO_MONITOR, **overrides}
+    kw = {"rule": OnsetRule(patience=DEMO_PATIENCE), **DEMO_MONITOR, **overrides}
     return MemorizationMonitor(
         train=ImageSet.from_arrays(train_images, ids=train_ids),
         heldout=ImageSet.from_arrays(heldout_images, ids=heldout_ids),

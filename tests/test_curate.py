@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import digits_rgb
@@ -416,3 +418,48 @@ def test_pixel_search_equals_brute_force_on_odd_sizes(hw, tmp_path):
     names = images.ids
     assert {frozenset((names[0], names[40])), frozenset((names[1], names[41])), frozenset((names[2], names[42])),
             frozenset((names[3], names[43])), frozenset((names[3], names[44]))} <= got
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(2, 24), h=st.integers(4, 40), w=st.integers(4, 40), seed=st.integers(0, 2**31 - 1),
+       raw=st.booleans(), k=st.integers(1, 4), noise=st.sampled_from([0, 40]))
+def test_pixel_search_equals_brute_force_property(n, h, w, seed, raw, k, noise, tmp_path):
+    """Any set size, image size, k and invariances: the pairs and the threshold equal a brute-force comparison of all
+    pairs; planted mirrored / brightened / exact copies make duplicates likely. ``noise``: per-pixel noise that
+    pooling averages away, so the pooled neighbour order differs from the full-resolution one (the certification
+    must search further)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=(n, 3, 3, 3), dtype=np.uint8)
+    x = np.stack([np.asarray(Image.fromarray(b).resize((w, h), Image.BILINEAR)) for b in base])
+    if noise:
+        x = np.clip(x.astype(np.int16) + rng.integers(-noise, noise + 1, size=x.shape), 0, 255).astype(np.uint8)
+    for i in range(1, n):  # some images are edited copies of image i - 1
+        kind = rng.integers(0, 4)
+        if kind == 1:
+            x[i] = x[i - 1][:, ::-1]
+        elif kind == 2:
+            x[i] = np.clip(x[i - 1].astype(np.int16) + 7, 0, 255).astype(np.uint8)
+        elif kind == 3:
+            x[i] = x[i - 1]
+    images = ImageSet.from_arrays(x)
+    inv = () if raw else ("brightness", "hflip")
+    rep = find_duplicates(images, "pixel", cache_dir=tmp_path / "c", k=k, invariances=inv)
+    v = embed(images, get_embedder("pixel"), cache_dir=tmp_path / "c").vectors.astype(np.float64)
+    if not raw:
+        v = v - v.mean(axis=1, keepdims=True)
+    d_direct = _brute_l2(v, v)
+    d = d_direct if raw else np.minimum(d_direct, _brute_l2(v.reshape(n, h, w, 3)[:, :, ::-1].reshape(n, -1), v))
+    np.fill_diagonal(d_direct, np.inf)
+    np.fill_diagonal(d, np.inf)
+    t_abs = 10 ** (-DUPLICATE_PSNR_DB / 20) * math.sqrt(v.shape[1])
+    if (d_direct > t_abs).any():
+        assert rep.threshold == pytest.approx(_rule(d_direct, v.shape[1]), rel=1e-4)
+    else:
+        assert rep.threshold == pytest.approx(t_abs, rel=1e-6)
+    margin = np.abs(d - rep.threshold) > 1e-4 * max(1.0, rep.threshold)  # float32 vs float64 at the boundary
+    got = {(images.ids.index(p.id_a), images.ids.index(p.id_b)) for p in rep.pairs}
+    got = {(min(a, b), max(a, b)) for a, b in got}
+    for i in range(n):
+        for j in range(i + 1, n):
+            if margin[i, j]:
+                assert ((i, j) in got) == (d[i, j] <= rep.threshold), (i, j, d[i, j], rep.threshold)
