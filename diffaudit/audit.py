@@ -271,7 +271,6 @@ class ReferenceSet:
         progress: bool = False,
     ) -> None:
         from .curate import duplicate_threshold
-        from .data import ImageSet
         from .embedders import embed, get_embedder
         from .index import EmbeddingIndex, self_neighbors
 

@@ -795,10 +795,10 @@ def train_fold_runs(
     images a run saw about 0.07, of those it did not 0.78-0.92).
     """
     import torch
-    import torch.nn.functional as F
     from diffusers import DDPMPipeline
 
-    from .demo import _check_int, _write_pngs, digits_split, make_demo_scheduler, make_demo_unet
+    from .demo import (EpochBatches, _check_int, _write_pngs, ddpm_loss, digits_split, make_adamw,
+                       make_demo_scheduler, make_demo_unet)
     from .embedders.base import default_device
 
     k = _check_int("k", k, 2)
@@ -836,21 +836,11 @@ def train_fold_runs(
             sched = make_demo_scheduler()
             gen = torch.Generator().manual_seed(seed * 1000 + j + 1)
             data = torch.from_numpy(pool[rows]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(device)
-            try:
-                opt = torch.optim.AdamW(unet.parameters(), lr=float(lr), fused=True)
-            except (RuntimeError, TypeError):  # pragma: no cover
-                opt = torch.optim.AdamW(unet.parameters(), lr=float(lr))
+            opt = make_adamw(unet.parameters(), lr)
             unet.train()
-            n, pos, order = data.shape[0], 0, torch.randperm(data.shape[0], generator=gen)
+            batches = EpochBatches(data.shape[0], batch_size, gen)
             for _ in range(steps):
-                if pos >= n:
-                    order, pos = torch.randperm(n, generator=gen), 0
-                idx = order[pos:pos + batch_size]
-                pos += len(idx)
-                x0 = data[idx.to(device)]
-                noise = torch.randn(x0.shape, generator=gen).to(device)
-                t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=gen).to(device)
-                loss = F.mse_loss(unet(sched.add_noise(x0, noise, t), t).sample, noise)
+                loss = ddpm_loss(unet, sched, data[batches.next().to(device)], gen)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
