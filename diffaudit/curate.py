@@ -79,7 +79,7 @@ INVARIANCES = ("brightness", "hflip")
 #: the pixel embedder's default invariances
 PIXEL_INVARIANCES = ("brightness", "hflip")
 #: the coarse search of pixel duplicates runs on vectors average-pooled to about this many pixels on a side
-COARSE_SIDE = 16
+COARSE_SIDE = 8
 
 
 # ---------------------------------------------------------------------------------------------------- result types

@@ -391,7 +391,8 @@ def test_cli_dedup_invariances(tmp_path):
 @pytest.mark.parametrize("hw", [(35, 53), (64, 48), (12, 20)])
 def test_pixel_search_equals_brute_force_on_odd_sizes(hw, tmp_path):
     """Coarse-to-fine search == brute force over all pairs (direct and mirrored, centred), for sizes the pooling
-    does not divide (35x53: p=2 leaves a column out), a mirrored pooled grid (64x48: p=3) and no pooling (12x20)."""
+    does not divide (35x53: p=4 leaves rows and a column out), a mirrored pooled grid (64x48: p=6) and no pooling
+    (12x20: p=1) -- with COARSE_SIDE = 8."""
     h, w = hw
     rng = np.random.default_rng(h * w)
     base = rng.integers(0, 256, size=(40, 4, 5, 3), dtype=np.uint8)
