@@ -213,9 +213,9 @@ def test_lookup_100k_is_fast(tmp_path):
 
 
 def test_embed_keeps_values_too_large_for_float16(tmp_path):
-    """embed() gathers vectors at the cache's float16 precision; a later batch with values beyond float16's range
-    switches to float32 without turning them into inf, and the earlier batches keep their float16-rounded values
-    (the same numbers a cached re-run returns)."""
+    """embed() rounds fresh vectors to the cache's float16; a batch with values beyond float16's range is kept in
+    float32 (no inf), the other batches keep their float16-rounded values, and a cached re-run returns the same
+    numbers."""
     from diffaudit.embedders import embed
     from diffaudit.embedders.base import Embedder
 

@@ -229,8 +229,8 @@ def embed(
         found, vecs = store.lookup(name, keys)
         found = np.asarray(found, dtype=bool)
         if found.any():
-            vecs = np.asarray(vecs)  # (found.sum(), dim), in the order of the found keys
-            out = np.zeros((n, vecs.shape[1]), _work_dtype(store, vecs))
+            vecs = np.asarray(vecs, dtype=np.float32)  # (found.sum(), dim), in the order of the found keys
+            out = np.zeros((n, vecs.shape[1]), np.float32)
             out[np.flatnonzero(found)] = vecs
             done |= found
             log.info("%s: %d/%d vectors from the cache", name, int(found.sum()), n)
@@ -260,14 +260,14 @@ def embed(
     )
 
 
-def _work_dtype(store, vecs: np.ndarray | None = None) -> np.dtype:
-    """dtype of the array vectors are gathered in: the cache's storage dtype (float16 by default; half the memory,
-    and a re-run served from the cache returns exactly the numbers of the run that computed them), float32 without
-    a cache or when ``vecs`` (e.g. a float32 cache shard) hold values too large for float16."""
-    dt = np.dtype(getattr(store, "store_dtype", np.float32)) if store is not None else np.dtype(np.float32)
-    if dt != np.float32 and vecs is not None and _overflows(vecs, dt):
-        return np.dtype(np.float32)
-    return dt
+def _at_cache_precision(vecs: np.ndarray, store) -> np.ndarray:
+    """Round fresh vectors to the cache's storage dtype (float16 by default) so that a re-run served from the cache
+    returns exactly the same numbers as the run that computed them; a batch with values too large for float16 is
+    kept as is (the cache stores such shards in float32)."""
+    dt = np.dtype(getattr(store, "store_dtype", np.float32))
+    if dt == np.float32 or _overflows(vecs, dt):
+        return vecs
+    return vecs.astype(dt).astype(np.float32)
 
 
 def _overflows(vecs: np.ndarray, dt) -> bool:
@@ -327,11 +327,11 @@ def _embed_missing(images, emb, ids, missing, out, done, store, keys, name, bs, 
                     raise RuntimeError(
                         f"{name}: embed_batch returned shape {vecs.shape} for {len(rows)} images"
                     )
+                if store is not None:
+                    vecs = _at_cache_precision(vecs, store)
                 if out is None:
-                    out = np.zeros((len(ids), vecs.shape[1]), _work_dtype(store, vecs))
-                elif out.dtype != np.float32 and _overflows(vecs, out.dtype):
-                    out = out.astype(np.float32)  # too large for the cache's float16: keep float32 from now on
-                if out.shape[1] != vecs.shape[1]:
+                    out = np.zeros((len(ids), vecs.shape[1]), np.float32)
+                elif out.shape[1] != vecs.shape[1]:
                     raise RuntimeError(
                         f"{name}: the cache holds vectors of dim {out.shape[1]} but the embedder returns dim "
                         f"{vecs.shape[1]}; two different models share the name {name!r}. Clear "
