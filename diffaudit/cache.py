@@ -253,10 +253,11 @@ class EmbeddingCache:
                     outs.append(j)
             if rows:
                 src.append((svec, np.asarray(rows), np.asarray(outs)))
-        full = np.empty((len(keys), dim), dtype=np.float32)
+        pos = np.cumsum(found) - 1  # key position -> row among the found keys
+        full = np.empty((int(found.sum()), dim), dtype=np.float32)
         for svec, rows, outs in src:
-            full[outs] = svec[rows]
-        return found, full[found]
+            full[pos[outs]] = svec[rows]
+        return found, full
 
     def count(self, embedder_name: str) -> int:
         """Number of distinct cached keys for an embedder."""

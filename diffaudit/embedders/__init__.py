@@ -229,9 +229,10 @@ def embed(
         found, vecs = store.lookup(name, keys)
         found = np.asarray(found, dtype=bool)
         if found.any():
-            vecs = np.asarray(vecs, dtype=np.float32)  # (found.sum(), dim), in the order of the found keys
+            vecs = np.asarray(vecs)  # (found.sum(), dim) as stored (float16), in the order of the found keys
             out = np.zeros((n, vecs.shape[1]), np.float32)
-            out[np.flatnonzero(found)] = vecs
+            out[np.flatnonzero(found)] = vecs  # upcast while scattering: no float32 copy of the cached vectors
+            del vecs
             done |= found
             log.info("%s: %d/%d vectors from the cache", name, int(found.sum()), n)
 
