@@ -300,6 +300,7 @@ def main(argv=None) -> int:
         else:
             print(f"{tool}: {best['error'][:300]}", flush=True)
         rows.append(best)
+    summary = ratios(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "peers.json").write_text(json.dumps(
         [{k: v for k, v in r.items() if k != "pairs"} for r in rows], indent=2))
@@ -307,11 +308,31 @@ def main(argv=None) -> int:
     cmd = "/work/peers-venv/bin/python benchmarks/bench_peers.py " + " ".join(argv if argv is not None else sys.argv[1:])
     (args.out / "peers.md").write_text(
         f"# Duplicate finders on {truth['num_images']} images (scikit-learn digits at 64 px + {len(truth['planted'])}"
-        f" planted near-duplicates)\n\nCommand: `{cmd.strip()}`\n\n{md}\n\nNotes:\n" +
+        f" planted near-duplicates)\n\nCommand: `{cmd.strip()}`\n\n{md}\n\n{summary}\n\nNotes:\n" +
         "\n".join(f"- {r['tool']}: {r.get('note') or r.get('error', '')}" for r in rows) + "\n")
     print()
     print(md)
+    print()
+    print(summary)
     return 0
+
+
+def ratios(rows: list[dict], ours: str = "diffaudit-pixel") -> str:
+    """Each peer against diffaudit's default, measured in this run: time ratios (peer / diffaudit; > 1 = diffaudit
+    faster) and recall at the peer's precision."""
+    me = next((r for r in rows if r.get("tool") == ours and "error" not in r), None)
+    if me is None:
+        return f"({ours} did not run: no ratios)"
+    lines = [f"Ratios against {ours} (precision {me['precision']:.3f}, recall {me['recall_all']:.3f}), same run:",
+             "", "| peer | precision | recall | search time ratio | process time ratio | peak memory ratio |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r is me or "error" in r or r["tool"].startswith("diffaudit"):
+            continue
+        lines.append(f"| {r['tool']} | {r['precision']:.3f} | {r['recall_all']:.3f} | "
+                     f"{r['search_s'] / me['search_s']:.2f}x | {r['process_s'] / me['process_s']:.2f}x | "
+                     f"{r['peak_rss_mb'] / me['peak_rss_mb']:.2f}x |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
