@@ -152,7 +152,8 @@ def render_duplicates(report: "DuplicateReport", images, *, path: str | os.PathL
              "</section>",
              f"<section><p class=\"note\">Embedder <code>{esc(report.embedder)}</code> ({esc(unit)}); "
              f"duplicates: {esc(report.threshold_rule or _fmt(report.threshold, metric))}; "
-             f"{esc(report.k)} neighbours examined per image.</p></section>"]
+             f"{esc(report.k)} candidates per image per search round (an image whose candidates may all be "
+             "duplicates is searched again with more).</p></section>"]
 
     parts.append("<section id=\"clusters\"><h2>Clusters</h2>")
     if not report.clusters:
