@@ -605,7 +605,7 @@ def _pixel_duplicates(vectors: np.ndarray, size: tuple[int, int], k: int, thresh
     k0 = min(k, n - 1)
     first = candidates(low, np.arange(n), k0)
     if threshold is None:
-        t, rule = _pixel_threshold(X, h, w, p, first, k0, candidates, low, emb, inv)
+        t, rule = _pixel_threshold(X, h, w, p, first, k0, candidates, low, emb)
     else:
         t = float(threshold)
         rule = f"distance <= {t:g} (given)"
@@ -635,7 +635,7 @@ def _pixel_duplicates(vectors: np.ndarray, size: tuple[int, int], k: int, thresh
     return pair_scores, t, rule
 
 
-def _pixel_threshold(X, h, w, p, first, k0, candidates, low, emb, inv):
+def _pixel_threshold(X, h, w, p, first, k0, candidates, low, emb):
     """The default threshold rule on (centred) pixel vectors, with each image's nearest *distinct* image certified
     exactly: a candidate at full-resolution distance r is the nearest when r <= p x the pooled distance of the last
     candidate (no other image can be closer); other rows are searched again with 4x more candidates."""
