@@ -29,6 +29,7 @@ demo: $(VENV)/.core-stamp
 	$(VENV)/bin/diffaudit demo --out $(OUT)
 
 test: $(VENV)/.dev-stamp
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -ra
 
 bench: $(VENV)/.dev-stamp

@@ -1,6 +1,6 @@
 """diffaudit: audit diffusion models for memorization of their training data.
 
-Public API (DESIGN.md; names are a contract)::
+Public API (these names are a contract: tests and users call them)::
 
     import diffaudit as da
     train = da.ImageSet.from_folder("data/train")

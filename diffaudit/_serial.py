@@ -1,6 +1,6 @@
 """Typed dataclass <-> JSON helpers shared by every result type.
 
-Results are dataclasses (DESIGN.md: "never bare dicts"); this module turns them into plain JSON values and back,
+Results are dataclasses, never bare dicts; this module turns them into plain JSON values and back,
 following the type hints, so each result class only needs ``JsonMixin``.
 """
 from __future__ import annotations
@@ -133,3 +133,41 @@ class JsonMixin:
                 raise FileNotFoundError(f"{cls.__name__}.from_json: no such file: {s!r}")
             data = json.loads(p.read_text(encoding="utf-8"))
         return from_jsonable(cls, data)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------------------- CSV
+#: leading characters that make a spreadsheet run a cell as a formula (OWASP "CSV injection")
+CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> str:
+    """One CSV cell: numbers as numbers (``repr`` of finite floats, "" for None/NaN/inf), text with a leading ``'``
+    when a spreadsheet would read it as a formula."""
+    if value is None or isinstance(value, bool):
+        return "" if value is None else str(int(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value)) if math.isfinite(float(value)) else ""
+    s = str(value)
+    return "'" + s if s.startswith(CSV_FORMULA_START) else s
+
+
+def write_csv(path: str | os.PathLike | None, header: list[str], rows) -> str:
+    """The one CSV writer of diffaudit: ``header`` then ``rows`` (cells through :func:`csv_cell`), "\\n" line ends
+    (fields holding newlines are quoted), written atomically to ``path`` when given; returns the text."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\r\n")  # "\r\n" so that cells holding \r or \n get quoted ...
+    lines = []
+    for row in [header, *([csv_cell(c) for c in r] for r in rows)]:
+        buf.seek(0)
+        buf.truncate()
+        w.writerow(row)
+        lines.append(buf.getvalue()[:-2])  # ... then each row ends with a plain "\n"
+    text = "\n".join(lines) + "\n"
+    if path is not None:
+        atomic_write_text(path, text)
+    return text

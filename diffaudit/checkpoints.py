@@ -53,6 +53,8 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Optional, Sequence, Union
 
 from ._serial import JsonMixin
+from ._util import default_device, file_sha256
+from .results import Skipped
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,8 @@ PathLike = Union[str, os.PathLike]
 LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-_CKPT_DIR_RE = re.compile(r"^checkpoint[-_](\d+)$")
+#: a checkpoint folder of the diffusers / accelerate training scripts: checkpoint-<step> (or checkpoint_<step>)
+CHECKPOINT_DIR_RE = re.compile(r"^checkpoint[-_](\d+)$")
 _DIGITS_RE = re.compile(r"(\d+)")
 _SCHEDULER_NAMES = {
     "ddpm": ("DDPMScheduler", {}),
@@ -114,12 +117,6 @@ class Checkpoint(JsonMixin):
 
 
 @dataclass
-class Skip(JsonMixin):
-    path: str
-    reason: str
-
-
-@dataclass
 class CheckpointRun:
     """The ordered checkpoints of a run plus what is needed to sample from them.
 
@@ -134,7 +131,7 @@ class CheckpointRun:
     scheduler: Any = None
     scheduler_source: str = ""
     base_pipeline: Optional[str] = None
-    skipped: list[Skip] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
     _pipe: Any = field(default=None, repr=False, compare=False)
     _pipe_key: Any = field(default=None, repr=False, compare=False)
     _base_unet: Any = field(default=None, repr=False, compare=False)
@@ -186,7 +183,7 @@ class CheckpointRun:
                 f"checkpoint '{checkpoint.path}' is text-conditional; pass base_pipeline= a local pipeline folder "
                 "(with text_encoder, tokenizer, vae) to discover_checkpoints"
             )
-        device = device or _default_device()
+        device = device or default_device()
         dtype = dtype or torch.float32
         key = (str(device), dtype)
         if self._pipe is None or self._pipe_key != key:
@@ -217,28 +214,6 @@ class CheckpointRun:
 # hashing
 
 
-_HASH_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: PathLike, chunk_size: int = 1 << 20) -> str:
-    """sha256 hex digest of a file, streamed in chunks; cached per (path, size, mtime)."""
-    p = Path(path)
-    st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    if key in _HASH_CACHE:
-        return _HASH_CACHE[key]
-    h = hashlib.sha256()
-    with open(p, "rb") as fh:
-        while True:
-            block = fh.read(chunk_size)
-            if not block:
-                break
-            h.update(block)
-    digest = h.hexdigest()
-    _HASH_CACHE[key] = digest
-    return digest
-
-
 def checkpoint_files(ckpt: Checkpoint) -> dict[str, str]:
     """``{weight file: sha256}`` of one checkpoint."""
     return {w: file_sha256(w) for w in ckpt.weights}
@@ -257,11 +232,6 @@ def checkpoint_hash(ckpt: Checkpoint) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # small helpers
 
-
-def _default_device() -> str:
-    from .embedders.base import default_device
-
-    return default_device()
 
 
 def _read_json(path: Path) -> dict:
@@ -285,7 +255,7 @@ def parse_step(name: str) -> Optional[int]:
     for suf in _WEIGHT_SUFFIXES:
         if stem.endswith(suf):
             stem = stem[: -len(suf)]
-    m = _CKPT_DIR_RE.match(stem)
+    m = CHECKPOINT_DIR_RE.match(stem)
     if m:
         return int(m.group(1))
     digits = _DIGITS_RE.findall(stem)
@@ -434,14 +404,14 @@ def _load_config(config_path: str) -> dict:
 
 
 def _checkpoint_from_folder(
-    folder: Path, ema: str, step: Optional[int], skipped: list[Skip]
+    folder: Path, ema: str, step: Optional[int], skipped: list[Skipped]
 ) -> Optional[Checkpoint]:
     """Resolve one checkpoint folder (checkpoint-N, a pipeline, a UNet folder, a LoRA folder)."""
     name = folder.name
     if _is_pipeline(folder):
         unet = folder / "unet"
         if not _is_unet_folder(unet):
-            skipped.append(Skip(str(folder), "pipeline folder without unet/ weights"))
+            skipped.append(Skipped(str(folder), "pipeline folder without unet/ weights", "checkpoints"))
             return None
         return Checkpoint(
             step=step if step is not None else 0, path=str(folder), kind="pipeline", unet_path=str(unet),
@@ -455,7 +425,7 @@ def _checkpoint_from_folder(
         cands.append((folder / "unet", False))
     if ema == "only" and not cands:
         reason = "no unet_ema/ (ema='only')" if _is_unet_folder(folder / "unet") else "no unet_ema/ weights"
-        skipped.append(Skip(str(folder), reason))
+        skipped.append(Skipped(str(folder), reason, "checkpoints"))
         return None
     if cands:
         unet, is_ema = cands[0]
@@ -467,7 +437,7 @@ def _checkpoint_from_folder(
     for lname in LORA_WEIGHT_NAMES:
         if (folder / lname).is_file():
             if ema == "only":
-                skipped.append(Skip(str(folder), "LoRA weights have no EMA copy (ema='only')"))
+                skipped.append(Skipped(str(folder), "LoRA weights have no EMA copy (ema='only')", "checkpoints"))
                 return None
             return Checkpoint(
                 step=step if step is not None else 0, path=str(folder), kind="lora", unet_path=str(folder / lname),
@@ -475,14 +445,14 @@ def _checkpoint_from_folder(
             )
     if _is_unet_folder(folder):
         if ema == "only":
-            skipped.append(Skip(str(folder), "plain UNet folder, not an EMA copy (ema='only')"))
+            skipped.append(Skipped(str(folder), "plain UNet folder, not an EMA copy (ema='only')", "checkpoints"))
             return None
         return Checkpoint(
             step=step if step is not None else 0, path=str(folder), kind="unet-folder", unet_path=str(folder),
             name=name, weights=unet_weight_files(folder),
             conditional=_is_conditional_class(_model_class_name(folder / "config.json")),
         )
-    skipped.append(Skip(str(folder), "no unet/, unet_ema/, LoRA weights, pipeline or UNet config+weights inside"))
+    skipped.append(Skipped(str(folder), "no unet/, unet_ema/, LoRA weights, pipeline or UNet config+weights inside", "checkpoints"))
     return None
 
 
@@ -531,7 +501,7 @@ def discover_checkpoints(
     """
     if ema not in ("prefer", "only", "never"):
         raise CheckpointError(f"ema={ema!r}: allowed values are 'prefer', 'only', 'never'")
-    skipped: list[Skip] = []
+    skipped: list[Skipped] = []
     cks: list[Checkpoint] = []
     sched_dirs: list[Path] = []  # where to look for a scheduler, in order
     auto_base: Optional[Path] = None
@@ -547,10 +517,10 @@ def discover_checkpoints(
             sched_dirs += [root.parent]
         else:
             sched_dirs.append(root)
-            m = _CKPT_DIR_RE.match(root.name)
+            m = CHECKPOINT_DIR_RE.match(root.name)
             ck_dirs = sorted(
-                (int(_CKPT_DIR_RE.match(d.name).group(1)), d)  # type: ignore[union-attr]
-                for d in root.iterdir() if d.is_dir() and _CKPT_DIR_RE.match(d.name)
+                (int(CHECKPOINT_DIR_RE.match(d.name).group(1)), d)  # type: ignore[union-attr]
+                for d in root.iterdir() if d.is_dir() and CHECKPOINT_DIR_RE.match(d.name)
             )
             if m:  # a lone checkpoint-N folder of a run
                 ck = _checkpoint_from_folder(root, ema, int(m.group(1)), skipped)
@@ -669,14 +639,14 @@ def _has_lora(folder: Path) -> bool:
     return any((folder / n).is_file() for n in LORA_WEIGHT_NAMES)
 
 
-def _final_checkpoint(root: Path, cks: list[Checkpoint], ema: str, skipped: list[Skip]) -> Optional[Checkpoint]:
+def _final_checkpoint(root: Path, cks: list[Checkpoint], ema: str, skipped: list[Skipped]) -> Optional[Checkpoint]:
     """The run root's own final model (pipeline, UNet folder or LoRA), ordered after every checkpoint."""
     if not (_is_pipeline(root) or _has_lora(root) or _is_unet_folder(root)):
         return None
     if ema == "only" and cks:
-        skipped.append(Skip(str(root), "final model at the run root: EMA status unknown (ema='only')"))
+        skipped.append(Skipped(str(root), "final model at the run root: EMA status unknown (ema='only')", "checkpoints"))
         return None
-    sub: list[Skip] = []
+    sub: list[Skipped] = []
     fin = _checkpoint_from_folder(root, "never" if ema == "only" else ema, None, sub)
     if fin is None:
         return None
@@ -699,8 +669,10 @@ def _final_checkpoint(root: Path, cks: list[Checkpoint], ema: str, skipped: list
 # loading
 
 
-def _torch_load_tensors(path: Path) -> dict:
-    """``torch.load(weights_only=True)``; a pickle carrying anything but tensors/containers is refused unexecuted."""
+def _torch_load_tensors(path: Path, unwrap: Sequence[str] = ()) -> dict:
+    """``torch.load(weights_only=True)``; a pickle carrying anything but tensors/containers is refused unexecuted.
+    ``unwrap``: keys of a training checkpoint (``{"epoch": 3, "state_dict": {...}}``) whose mapping is the state
+    dict; the rest of such a checkpoint is ignored."""
     import torch
 
     import warnings
@@ -726,6 +698,8 @@ def _torch_load_tensors(path: Path) -> dict:
         raise CheckpointError(f"cannot read weight file '{path}': {e}") from e
     if isinstance(obj, Mapping) and set(obj) == {"state_dict"} and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
+    if isinstance(obj, Mapping):
+        obj = next((obj[k] for k in unwrap if isinstance(obj.get(k), Mapping)), obj)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"weight file '{path}' holds a {type(obj).__name__}, expected a dict of tensors")
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
@@ -734,7 +708,7 @@ def _torch_load_tensors(path: Path) -> dict:
     return dict(obj)
 
 
-def load_state_dict_file(path: PathLike) -> dict:
+def load_state_dict_file(path: PathLike, *, unwrap: Sequence[str] = ()) -> dict:
     """Tensors of one weight file: safetensors, or a tensor-only pickle via ``torch.load(weights_only=True)``."""
     p = Path(path)
     if p.suffix == ".safetensors":
@@ -746,7 +720,7 @@ def load_state_dict_file(path: PathLike) -> dict:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read safetensors file '{p}': {e}") from e
     if p.suffix in _PICKLE_SUFFIXES:
-        return _torch_load_tensors(p)
+        return _torch_load_tensors(p, unwrap)
     raise CheckpointError(f"weight file '{p}': unknown format (allowed: .safetensors, .bin, .pt, .pth, .ckpt)")
 
 
@@ -841,7 +815,7 @@ def load_unet(checkpoint: Union[Checkpoint, PathLike], device=None, dtype=None):
     target = dtype or torch.float32
     if any(t.dtype != target for t in model.parameters() if t.is_floating_point()):
         model = model.to(dtype=target)
-    model = model.to(device=device or _default_device())
+    model = model.to(device=device or default_device())
     model.eval()
     model.requires_grad_(False)
     return model
@@ -869,7 +843,7 @@ def load_pipeline(folder: PathLike, device=None, dtype=None):
             if p.suffix in _PICKLE_SUFFIXES:
                 _torch_load_tensors(p)
     pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype or torch.float32, **kw)
-    pipe = pipe.to(device or _default_device())
+    pipe = pipe.to(device or default_device())
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     return pipe

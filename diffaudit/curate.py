@@ -53,18 +53,17 @@ candidates). The result equals a brute-force comparison of all pairs; above 200k
 """
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
-import os
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from ._serial import JsonMixin, atomic_write_text
-from .results import SkippedItem
+from .data import as_imageset
+from .results import DuplicatePair, DuplicateReport, Matches, ScoreSummary, Skipped
+
+__all__ = ["DuplicatePair", "DuplicateReport", "Matches", "ScoreSummary", "duplicate_pairs", "duplicate_threshold",
+           "find_duplicates", "match"]
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +71,8 @@ log = logging.getLogger(__name__)
 DUPLICATE_PSNR_DB = 30.0
 #: Gu et al. 2023's ratio, used as the relative bound of the L2 default
 RELATIVE_RATIO = 1.0 / 3.0
-#: SSCD duplicate threshold: Pizzi et al. 2022, cosine 0.75 ~ 90% precision
-SSCD_DUPLICATE_THRESHOLD = 0.75
+#: duplicate thresholds of embedder families without their own ``duplicate_threshold`` (cosine, score units)
+FAMILY_DUPLICATE_THRESHOLDS = {"sscd": (0.75, "SSCD, Pizzi et al. 2022: ~90% copy-detection precision")}
 #: comparisons the pixel duplicate finder can make invariant (module docstring)
 INVARIANCES = ("brightness", "hflip")
 #: the pixel embedder's default invariances
@@ -82,236 +81,19 @@ PIXEL_INVARIANCES = ("brightness", "hflip")
 COARSE_SIDE = 8
 
 
-# ---------------------------------------------------------------------------------------------------- result types
-@dataclass
-class DuplicatePair(JsonMixin):
-    """Two images within the duplicate threshold; ``score`` in the embedder's units (L2 distance or cosine).
-
-    ``transform``: ``""`` when the images were compared as they are, ``"hflip"`` when ``id_a`` mirrored left-right
-    is what matched ``id_b`` (the pixel embedder's ``hflip`` invariance)."""
-
-    id_a: str
-    id_b: str
-    score: float
-    transform: str = ""
-
-
-@dataclass
-class DuplicateReport(JsonMixin):
-    """Duplicates found in one image set.
-
-    ``pairs`` are sorted closest first; ``clusters`` are the connected components of the pairs (largest first,
-    members in image-set order). ``threshold`` is in score units (L2 distance: pairs <= threshold; cosine: pairs >=
-    threshold), ``threshold_rule`` says how it was chosen. ``skipped`` lists images that could not be decoded.
-    ``invariances``: what the comparison ignored (pixel embedder: ``"brightness"``, ``"hflip"``; module docstring).
-    """
-
-    pairs: list[DuplicatePair]
-    clusters: list[list[str]]
-    threshold: Optional[float]
-    embedder: str
-    metric: str
-    num_images: int
-    skipped: list[SkippedItem] = field(default_factory=list)
-    threshold_rule: str = ""
-    k: int = 10
-    source: str = ""
-    invariances: list[str] = field(default_factory=list)
-
-    @property
-    def num_duplicates(self) -> int:
-        """Images that could be removed keeping one per cluster."""
-        return sum(len(c) - 1 for c in self.clusters)
-
-    def cluster_of(self) -> dict[str, int]:
-        """id -> cluster number, for ids in a cluster."""
-        return {i: c for c, members in enumerate(self.clusters) for i in members}
-
-    def to_csv(self, path: str | os.PathLike | None = None) -> str:
-        """One row per pair: ``id_a,id_b,score,cluster,transform``. Cells that a spreadsheet would run as a formula are
-        prefixed with ``'`` (OWASP CSV injection)."""
-        cl = self.cluster_of()
-        rows = [["id_a", "id_b", "score", "cluster", "transform"]]
-        rows += [[p.id_a, p.id_b, _fmt(p.score), str(cl.get(p.id_a, "")), p.transform] for p in self.pairs]
-        return _write_csv(rows, path)
-
-    def to_html(self, path: str | os.PathLike | None = None, images=None, *, max_clusters: int = 200,
-                max_per_cluster: int = 24, thumb: int = 96) -> str:
-        """Self-contained HTML gallery of the clusters (thumbnails inlined). ``images``: the ImageSet the report
-        was made from (default: the one given to :func:`find_duplicates`, or the folder in ``source``)."""
-        from .report.gallery import duplicates_html
-
-        imgs = _images_for_html(images, getattr(self, "_images", None), self.source, "images")
-        html = duplicates_html(self, imgs, max_clusters=max_clusters, max_per_cluster=max_per_cluster, thumb=thumb)
-        if path is not None:
-            atomic_write_text(path, html)
-        return html
-
-
-@dataclass
-class ScoreSummary(JsonMixin):
-    """Distribution of a score: mean and 5th/50th/95th percentiles over ``n`` values."""
-
-    mean: float
-    p05: float
-    p50: float
-    p95: float
-    n: int
-
-    @classmethod
-    def of(cls, values) -> "ScoreSummary | None":
-        v = np.asarray(values, dtype=np.float64)
-        v = v[np.isfinite(v)]
-        if len(v) == 0:
-            return None
-        p05, p50, p95 = np.percentile(v, [5, 50, 95])
-        return cls(float(v.mean()), float(p05), float(p50), float(p95), int(len(v)))
-
-
-@dataclass
-class Matches(JsonMixin):
-    """For each query, its nearest reference images (closest first) and their scores.
-
-    ``reference_ids[i]`` / ``scores[i]`` belong to ``query_ids[i]`` (shorter than ``k`` only when the reference set
-    is smaller). ``baseline`` summarises the reference set's own nearest-neighbour scores (each reference image to
-    its nearest *other* reference image: the "second neighbour" of a reference image searched against its own set),
-    i.e. how close distinct reference images already are to each other.
-    """
-
-    query_ids: list[str]
-    reference_ids: list[list[str]]
-    scores: list[list[float]]
-    embedder: str
-    metric: str
-    k: int
-    baseline: Optional[ScoreSummary] = None
-    num_reference: int = 0
-    skipped: list[SkippedItem] = field(default_factory=list)
-    query_source: str = ""
-    reference_source: str = ""
-
-    def top1(self) -> list[tuple[str, str | None, float | None]]:
-        """(query id, nearest reference id, score) per query."""
-        return [(q, r[0] if r else None, s[0] if s else None)
-                for q, r, s in zip(self.query_ids, self.reference_ids, self.scores)]
-
-    def closer_than_baseline(self) -> list[str]:
-        """Queries whose nearest reference image is closer than 95% of reference images are to their own nearest
-        neighbour (l2: top-1 distance < baseline p05; cosine: top-1 similarity > baseline p95)."""
-        if self.baseline is None:
-            return []
-        out = []
-        for q, s in zip(self.query_ids, self.scores):
-            if not s:
-                continue
-            if (self.metric == "l2" and s[0] < self.baseline.p05) or (
-                    self.metric == "cosine" and s[0] > self.baseline.p95):
-                out.append(q)
-        return out
-
-    def to_csv(self, path: str | os.PathLike | None = None) -> str:
-        """One row per (query, rank): ``query_id,rank,reference_id,score`` (rank 1 = nearest)."""
-        rows = [["query_id", "rank", "reference_id", "score"]]
-        for q, refs, sc in zip(self.query_ids, self.reference_ids, self.scores):
-            rows += [[q, str(r + 1), ref, _fmt(s)] for r, (ref, s) in enumerate(zip(refs, sc))]
-        return _write_csv(rows, path)
-
-    def to_html(self, path: str | os.PathLike | None = None, queries=None, reference=None, *, max_rows: int = 200,
-                thumb: int = 96) -> str:
-        """Self-contained HTML: each query beside its nearest reference images (thumbnails inlined)."""
-        from .report.gallery import matches_html
-
-        q = _images_for_html(queries, getattr(self, "_queries", None), self.query_source, "queries")
-        r = _images_for_html(reference, getattr(self, "_reference", None), self.reference_source, "reference")
-        html = matches_html(self, q, r, max_rows=max_rows, thumb=thumb)
-        if path is not None:
-            atomic_write_text(path, html)
-        return html
-
-
 # ---------------------------------------------------------------------------------------------------- helpers
-def _fmt(x: float) -> str:
-    return repr(float(x)) if x is not None and math.isfinite(x) else ""
+def _skipped(emb, where: str) -> list[Skipped]:
+    return [Skipped(str(i), str(r), where) for i, r in emb.skipped]
 
 
-_CSV_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+def _is_tiled(emb) -> bool:
+    """Carlini's tiled layout: the L2 threshold is on the max-over-tiles RMS distance."""
+    return getattr(emb, "kind", None) == "tiled"
 
 
-def _csv_cell(v: str) -> str:
-    return "'" + v if v and v.startswith(_CSV_FORMULA) and not _is_number(v) else v
-
-
-def _is_number(v: str) -> bool:
-    try:
-        float(v)
-        return True
-    except ValueError:
-        return False
-
-
-def _write_csv(rows: list[list[str]], path) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    for row in rows:
-        w.writerow([_csv_cell(str(c)) for c in row])
-    text = buf.getvalue()
-    if path is not None:
-        atomic_write_text(path, text)
-    return text
-
-
-def _as_imageset(x, what: str):
-    from .data import ImageSet
-
-    if isinstance(x, ImageSet):
-        return x
-    if isinstance(x, (str, os.PathLike)):
-        return ImageSet.from_folder(x)
-    if isinstance(x, np.ndarray) or (isinstance(x, (list, tuple)) and x and isinstance(x[0], np.ndarray)):
-        return ImageSet.from_arrays(x)
-    raise TypeError(f"{what}={type(x).__name__}: expected an ImageSet, a folder path or uint8 image arrays")
-
-
-def _images_for_html(given, kept, source: str, what: str):
-    if given is not None:
-        return _as_imageset(given, what)
-    if kept is not None:
-        return kept
-    if source.startswith("folder:"):
-        return _as_imageset(source[len("folder:"):], what)
-    raise ValueError(f"to_html needs the images: pass {what}=<the ImageSet> (the report came from {source or 'JSON'!r}"
-                     ", which cannot be reopened)")
-
-
-def _skipped(emb, where: str) -> list[SkippedItem]:
-    return [SkippedItem(str(i), str(r), where) for i, r in emb.skipped]
-
-
-def _tiles(embedder) -> int | None:
-    """Number of tiles when the embedder scores with Carlini's tiled L2 (max over tiles), else None."""
-    if getattr(embedder, "kind", None) == "tiled" or type(embedder).__name__ == "TiledEmbedder":
-        return int(getattr(embedder, "tiles", 16))
-    return None
-
-
-def _rescore_tiled(vectors: np.ndarray, qvec: np.ndarray, S: np.ndarray, I: np.ndarray, tiles: int, keep: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Replace plain-L2 candidate scores by Carlini's tiled L2 (max over tiles of the per-tile L2; the tiled
-    embedder's layout: ``tiles`` equal consecutive slices) and re-sort; keep the first ``keep`` columns."""
-    nq, c = I.shape
-    dim = vectors.shape[1]
-    valid = I >= 0
-    safe = np.where(valid, I, 0)
-    d = np.empty((nq, c), np.float32)
-    step = max(1, (1 << 22) // max(1, c * dim))  # bound the gathered block to ~16 MB of float32
-    for s in range(0, nq, step):
-        block = np.asarray(vectors[safe[s:s + step]], dtype=np.float32)  # (b, c, dim)
-        block -= np.asarray(qvec[s:s + step], dtype=np.float32)[:, None, :]
-        block *= block
-        d[s:s + step] = np.sqrt(block.reshape(len(block), c, tiles, dim // tiles).sum(axis=3).max(axis=2))
-    d[~valid] = np.inf
-    order = np.argsort(d, axis=1, kind="stable")[:, :keep]
-    return np.take_along_axis(d, order, axis=1), np.take_along_axis(I, order, axis=1)
+def _is_pixel(emb) -> bool:
+    """The plain pixel embedder (HWC vectors at ``emb.size``), not the tiled one."""
+    return getattr(emb, "kind", None) == "pixel"
 
 
 def duplicate_threshold(embedder, scores, *, dim: int | None = None) -> float:
@@ -329,19 +111,20 @@ def duplicate_threshold(embedder, scores, *, dim: int | None = None) -> float:
     if S.ndim == 1:
         S = S[:, None]
     d = dim if dim is not None else getattr(emb, "dim", None)
-    return _duplicate_threshold(emb, emb.metric, int(d or 0), S, _tiles(emb))[0]
+    return _duplicate_threshold(emb, emb.metric, int(d or 0), S)[0]
 
 
-def _duplicate_threshold(emb, metric: str, dim: int, S: np.ndarray, tiles: int | None) -> tuple[float, str]:
+def _duplicate_threshold(emb, metric: str, dim: int, S: np.ndarray) -> tuple[float, str]:
     """Default threshold and its rule text (see module docstring) from the embedder and neighbour scores (n, k)."""
     if metric == "cosine":
         name = str(getattr(emb, "name", ""))
         if getattr(emb, "duplicate_threshold", None) is not None:
             t = float(emb.duplicate_threshold)
-            return t, f"cosine >= {t:g} (embedder's duplicate_threshold)"
-        if name.startswith("sscd") or type(emb).__name__ == "SSCDEmbedder":
-            return SSCD_DUPLICATE_THRESHOLD, (
-                f"cosine >= {SSCD_DUPLICATE_THRESHOLD:g} (SSCD, Pizzi et al. 2022: ~90% copy-detection precision)")
+            why = getattr(emb, "duplicate_threshold_source", "") or "embedder's duplicate_threshold"
+            return t, f"cosine >= {t:g} ({why})"
+        family = FAMILY_DUPLICATE_THRESHOLDS.get(getattr(emb, "family", ""))
+        if family is not None:
+            return family[0], f"cosine >= {family[0]:g} ({family[1]})"
         if getattr(emb, "default_threshold", None) is not None:
             t = float(emb.default_threshold)
             return t, f"cosine >= {t:g} (embedder's default threshold)"
@@ -350,11 +133,10 @@ def _duplicate_threshold(emb, metric: str, dim: int, S: np.ndarray, tiles: int |
         t = float(emb.default_threshold)
         return t, f"distance <= {t:g} (embedder's default threshold)"
     rms = 10 ** (-DUPLICATE_PSNR_DB / 20)
-    kind = getattr(emb, "kind", None)
     t_abs = None
-    if tiles is not None:
+    if _is_tiled(emb):
         t_abs, unit = rms, "max-over-tiles RMS"
-    elif (kind == "pixel" or type(emb).__name__ == "PixelEmbedder") and dim > 0:
+    elif _is_pixel(emb) and dim > 0:
         t_abs, unit = rms * math.sqrt(dim), "L2"
     floor = t_abs if t_abs is not None else 0.0
     finite = np.isfinite(S)
@@ -374,22 +156,6 @@ def _duplicate_threshold(emb, metric: str, dim: int, S: np.ndarray, tiles: int |
         return 0.0, "exact copies only (no distinct neighbours to calibrate on)"
     t = min(cands)
     return t, "distance <= min(" + ", ".join(parts) + f") = {t:.4g}"
-
-
-class _UnionFind:
-    def __init__(self, n: int) -> None:
-        self.parent = list(range(n))
-
-    def find(self, a: int) -> int:
-        while self.parent[a] != a:
-            self.parent[a] = self.parent[self.parent[a]]
-            a = self.parent[a]
-        return a
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
 
 
 # ---------------------------------------------------------------------------------------------------- API
@@ -414,16 +180,13 @@ def find_duplicates(images, embedder: Any = "pixel", threshold: float | None = N
             both. ``()`` compares raw pixels.
     """
     from .embedders import get_embedder
+    from .index import duplicate_groups
 
     embed = _embed_fn(backend)
-    if int(k) != k or k < 1:
-        raise ValueError(f"k must be a positive integer; got {k!r}")
-    if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
-        raise ValueError(f"threshold must be a finite number or None; got {threshold!r}")
-    images = _as_imageset(images, "images")
+    _check_search_args(k, threshold)
+    images = as_imageset(images, "images")
     emb = get_embedder(embedder)
-    pixel = _is_pixel(emb)
-    inv = _check_invariances(invariances, pixel, emb)
+    inv = _check_invariances(invariances, _is_pixel(emb), emb)
     E = embed(images, emb, cache_dir=cache_dir, progress=progress)
     n = len(E)
     metric = E.metric
@@ -433,17 +196,12 @@ def find_duplicates(images, embedder: Any = "pixel", threshold: float | None = N
                                        n, skipped, "fewer than two images", int(k), images.source, list(inv)),
                        _images=images)
     with _status(progress, f"searching {n:,} images for duplicates"):
-        if pixel:
-            pair_scores, t, rule = _pixel_duplicates(E.vectors, tuple(emb.size), int(k), threshold, inv, emb)
-        else:
-            pair_scores, t, rule = _indexed_duplicates(E, emb, int(k), threshold)
-
-    uf = _UnionFind(n)
-    for a, b in pair_scores:
-        uf.union(a, b)
+        pair_scores, t, rule = duplicate_pairs(E, emb, k=int(k), threshold=threshold, invariances=inv)
+    ab = np.asarray(list(pair_scores), dtype=np.int64).reshape(-1, 2)
+    labels = duplicate_groups(n, ab[:, 0], ab[:, 1])
     groups: dict[int, list[int]] = {}
-    for x in sorted({x for ab in pair_scores for x in ab}):
-        groups.setdefault(uf.find(x), []).append(x)
+    for x in sorted({x for pair in pair_scores for x in pair}):
+        groups.setdefault(int(labels[x]), []).append(x)
     clusters = sorted(groups.values(), key=lambda g: (-len(g), g[0]))
     ids = E.ids
     sign = 1.0 if metric == "l2" else -1.0
@@ -455,6 +213,30 @@ def find_duplicates(images, embedder: Any = "pixel", threshold: float | None = N
     return _attach(report, _images=images)
 
 
+def _check_search_args(k, threshold) -> None:
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise ValueError(f"k must be a positive integer; got {k!r}")
+    if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
+        raise ValueError(f"threshold must be a finite number or None; got {threshold!r}")
+
+
+def duplicate_pairs(E, embedder, *, k: int = 10, threshold: float | None = None,
+                    invariances: Sequence[str] | None = None):
+    """The duplicate search of :func:`find_duplicates` on embeddings ``E`` made by ``embedder``: returns
+    ``({(a, b): (score, transform)}, threshold, rule)`` with row numbers ``a < b`` of ``E``. The audit's duplicate
+    counts use it on the training set, so they are the clusters ``find_duplicates`` reports."""
+    from .embedders import get_embedder
+
+    emb = get_embedder(embedder)
+    _check_search_args(k, threshold)
+    inv = _check_invariances(invariances, _is_pixel(emb), emb)
+    if len(E) < 2:
+        return {}, (None if threshold is None else float(threshold)), "fewer than two images"
+    if _is_pixel(emb):
+        return _pixel_duplicates(E.vectors, tuple(emb.size), int(k), threshold, inv, emb)
+    return _indexed_duplicates(E, emb, int(k), threshold)
+
+
 def _status(enabled: bool, text: str):
     """A rich spinner on stderr while the search runs (``progress=True``), else nothing."""
     import contextlib
@@ -464,11 +246,6 @@ def _status(enabled: bool, text: str):
     from rich.console import Console
 
     return Console(stderr=True).status(text)
-
-
-def _is_pixel(emb) -> bool:
-    """The plain pixel embedder (HWC vectors at ``emb.size``), not the tiled one."""
-    return _tiles(emb) is None and (getattr(emb, "kind", None) == "pixel" or type(emb).__name__ == "PixelEmbedder")
 
 
 def _check_invariances(invariances, pixel: bool, emb) -> tuple[str, ...]:
@@ -489,26 +266,25 @@ def _check_invariances(invariances, pixel: bool, emb) -> tuple[str, ...]:
 def _indexed_duplicates(E, emb, k: int, threshold: float | None):
     """Duplicates of any embedder by k-nearest-neighbour search in an EmbeddingIndex (tiled: re-scored with tiled
     L2). Returns ({(a, b): (score, "")}, threshold, rule)."""
-    from .index import EmbeddingIndex, self_neighbors
+    from .index import EmbeddingIndex, rescore, self_neighbors
 
     n = len(E)
     metric = E.metric
     index = EmbeddingIndex.from_embeddings(E, kind="auto")
-    tiles = _tiles(emb)
     vectors = E.vectors
 
     def neighbours(kk: int, rows=None):
-        if tiles is None:
+        if not getattr(emb, "rescores", False):
             return self_neighbors(index, kk, rows=rows)
-        c = min(n - 1, max(kk * 4, kk + 8))  # plain-L2 candidates, re-scored by tiled L2
+        c = min(n - 1, max(kk * 4, kk + 8))  # plain-L2 candidates, re-scored by the embedder's distance
         S, I = self_neighbors(index, c, rows=rows)
         q = vectors if rows is None else vectors[np.asarray(rows)]
-        return _rescore_tiled(vectors, q, S, I, tiles, kk)
+        return rescore(index, emb.distance, q, I, kk)
 
     kk = min(int(k), n - 1)
     S, I = neighbours(kk)
     if threshold is None:
-        t, rule = _duplicate_threshold(emb, metric, E.dim, S, tiles)
+        t, rule = _duplicate_threshold(emb, metric, E.dim, S)
     else:
         t = float(threshold)
         rule = f"{'distance <=' if metric == 'l2' else 'cosine >='} {t:g} (given)"
@@ -660,7 +436,7 @@ def _pixel_threshold(X, h, w, p, first, k0, candidates, low, emb):
         rows, kk = rows[unsure], min(n - 1, kk * 4)
         if len(rows):
             D, I = candidates(low[rows], rows, kk)
-    return _duplicate_threshold(emb, "l2", dim, nearest[:, None], None)
+    return _duplicate_threshold(emb, "l2", dim, nearest[:, None])
 
 
 _INV_TEXT = {"brightness": "each image's mean grey level removed",
@@ -698,14 +474,13 @@ def match(queries, reference, embedder: Any = "pixel", k: int = 5, *, cache_dir=
     image's score to its nearest other reference image.
     """
     from .embedders import get_embedder
-    from .index import EmbeddingIndex, self_neighbors
+    from .index import EmbeddingIndex, rescore, self_neighbors
 
     embed = _embed_fn(backend)
-    if int(k) != k or k < 1:
-        raise ValueError(f"k must be a positive integer; got {k!r}")
+    _check_search_args(k, None)
     k = int(k)
-    reference = _as_imageset(reference, "reference")
-    queries = _as_imageset(queries, "queries")
+    reference = as_imageset(reference, "reference")
+    queries = as_imageset(queries, "queries")
     emb = get_embedder(embedder)
     R = embed(reference, emb, cache_dir=cache_dir, progress=progress)
     Q = embed(queries, emb, cache_dir=cache_dir, progress=progress)
@@ -715,15 +490,15 @@ def match(queries, reference, embedder: Any = "pixel", k: int = 5, *, cache_dir=
     if len(R) == 0:
         raise ValueError(f"reference {reference.source!r} has no decodable images")
     index = EmbeddingIndex.from_embeddings(R, kind="auto")
-    tiles = _tiles(emb)
+    own = getattr(emb, "rescores", False)
     n = len(R)
     if len(Q) == 0:  # no decodable query
         S, I = np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-    elif tiles is None:
+    elif not own:
         S, I = index.search(Q.vectors, k, refine=True)
     else:
         S, I = index.search(Q.vectors, min(n, max(4 * k, k + 8)), refine=True)
-        S, I = _rescore_tiled(R.vectors, Q.vectors, S, I, tiles, k)
+        S, I = rescore(index, emb.distance, Q.vectors, I, k)
     ref_ids, scores = [], []
     for srow, irow in zip(S, I):
         keep = irow >= 0
@@ -731,12 +506,11 @@ def match(queries, reference, embedder: Any = "pixel", k: int = 5, *, cache_dir=
         scores.append([float(x) for x in srow[keep]])
     base = None
     if baseline and n >= 2:
-        if tiles is None:
+        if not own:
             bs, _ = self_neighbors(index, 1)
         else:
-            c = min(n - 1, 16)
-            bS, bI = self_neighbors(index, c)
-            bs, _ = _rescore_tiled(R.vectors, R.vectors, bS, bI, tiles, 1)
+            _, bI = self_neighbors(index, min(n - 1, 16))
+            bs, _ = rescore(index, emb.distance, R.vectors, bI, 1)
         base = ScoreSummary.of(bs[:, 0])
     m = Matches(list(Q.ids), ref_ids, scores, R.embedder, R.metric, k, base, n, skipped, queries.source,
                 reference.source)

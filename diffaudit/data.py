@@ -44,7 +44,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ImageSet", "Skipped", "ImageDecodeError", "DEFAULT_EXTENSIONS", "DEFAULT_MAX_PIXELS"]
+__all__ = ["ImageSet", "Skipped", "ImageDecodeError", "DEFAULT_EXTENSIONS", "DEFAULT_MAX_PIXELS", "as_imageset"]
 
 #: Pillow's own default limit (about 89.5 megapixels, a 0.25 GB RGBA image)
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -65,12 +65,7 @@ def _safe_formats() -> tuple[str, ...]:
 DECODE_VERSION = "1"
 
 
-@dataclass
-class Skipped:
-    """An item left out of the set, and why."""
-
-    id: str
-    reason: str
+from .results import Skipped  # noqa: E402  (one Skipped type for every input)
 
 
 class ImageDecodeError(ValueError):
@@ -859,7 +854,7 @@ class ImageSet:
         i = self._position(i_or_id)
         return self._backend.load(self._handles[i], self.ids[i])
 
-    def _record_skip(self, id: str, reason: str) -> None:  # noqa: A002
+    def record_skip(self, id: str, reason: str) -> None:  # noqa: A002
         with self._skip_lock:
             if id not in self._skipped_ids:
                 self._skipped_ids.add(id)
@@ -908,7 +903,7 @@ class ImageSet:
         def take(pos: int, res: np.ndarray | ImageDecodeError):
             if isinstance(res, ImageDecodeError):
                 stats["failed"] += 1
-                self._record_skip(res.id, res.reason)
+                self.record_skip(res.id, res.reason)
             else:
                 stats["decoded"] += 1
                 ids.append(self.ids[pos])
@@ -970,6 +965,11 @@ class ImageSet:
             self._keys = [self._backend.key(h, i) for h, i in zip(self._handles, self.ids)]
         return list(self._keys)
 
+    def remote_parts(self) -> tuple[list[str], list, Any, str]:
+        """``(ids, per-item handles, decoding backend, source)``: the picklable parts another process (a Ray actor)
+        rebuilds this set from, with ``ImageSet(ids, handles, backend, source=source)``."""
+        return list(self.ids), list(self._handles), self._backend, str(getattr(self, "source", ""))
+
     def fingerprint(self) -> str:
         """sha256 over ids and item keys: equal fingerprints mean the same images under the same ids."""
         h = hashlib.sha256(b"diffaudit-imageset-v1\0")
@@ -1015,3 +1015,22 @@ def _make_ids(ids: Sequence[Any] | None, n: int, where: str) -> list[str]:
             raise ValueError(f"{where}: duplicate id {i!r}; ids must be unique")
         seen.add(i)
     return out
+
+
+def as_imageset(images: Any, name: str = "images") -> "ImageSet":
+    """An :class:`ImageSet` from an ImageSet (as is), a folder (``ImageSet.from_folder``) or uint8 arrays
+    (``ImageSet.from_arrays``); errors name the argument ``name``."""
+    if isinstance(images, ImageSet):
+        return images
+    if isinstance(images, (str, os.PathLike)):
+        if not Path(images).exists():
+            raise FileNotFoundError(f"{name}={str(images)!r}: no such folder")
+        try:
+            return ImageSet.from_folder(images)
+        except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+            raise type(e)(f"{name}={str(images)!r}: {e}") from None
+    if isinstance(images, np.ndarray) or (isinstance(images, (list, tuple)) and images
+                                          and all(isinstance(a, np.ndarray) for a in images)):
+        return ImageSet.from_arrays(images)
+    raise TypeError(f"{name}={type(images).__name__}: expected an ImageSet, a folder path or uint8 image arrays "
+                    f"(N, H, W[, C]); got {type(images).__name__}")

@@ -46,9 +46,11 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from .results import Skipped
+
 log = logging.getLogger(__name__)
 
-__all__ = ["embed_ray", "load_shards", "shard_paths", "embed_missing_ray", "init_ray"]
+__all__ = ["embed_ray", "load_shards", "shard_paths", "ray_batches", "init_ray"]
 
 _SHARD_FORMAT = "diffaudit-shard"
 _SHARD_VERSION = 1
@@ -114,13 +116,9 @@ class _RemoteImages:
     """The picklable parts of an ImageSet (ids, per-item handles, decoding backend); rebuilt as an ImageSet in actors."""
 
     def __init__(self, images):
-        for attr in ("ids", "_handles", "_backend"):
-            if not hasattr(images, attr):
-                raise TypeError(f"images={type(images).__name__}: expected a diffaudit ImageSet")
-        self.ids = list(images.ids)
-        self.handles = list(images._handles)
-        self.backend = images._backend
-        self.source = str(getattr(images, "source", ""))
+        if not hasattr(images, "remote_parts"):
+            raise TypeError(f"images={type(images).__name__}: expected a diffaudit ImageSet")
+        self.ids, self.handles, self.backend, self.source = images.remote_parts()
 
     def imageset(self):
         from .data import ImageSet
@@ -151,7 +149,7 @@ def _recipe(embedder, emb_prepared, embedder_kwargs: dict | None) -> tuple:
         try:
             return ("pickle", cloudpickle.dumps(embedder))
         except Exception as e:
-            if type(embedder).__name__ == "SSCDEmbedder":  # TorchScript modules do not pickle: rebuild from weights
+            if getattr(embedder, "kind", None) == "sscd":  # TorchScript modules do not pickle: rebuild from weights
                 return ("spec", "sscd", {"weights": str(embedder.weights), "resize": embedder.resize,
                                          "size": embedder.size, "batch_size": embedder.batch_size})
             raise TypeError(
@@ -164,7 +162,7 @@ def _recipe(embedder, emb_prepared, embedder_kwargs: dict | None) -> tuple:
 
 
 def _build_from_recipe(recipe: tuple):
-    from .embedders import get_embedder
+    from .embedders.registry import get_embedder
     from .embedders.base import Embedder
 
     kind = recipe[0]
@@ -182,7 +180,7 @@ def _build_from_recipe(recipe: tuple):
 
 def _driver_embedder(embedder, embedder_kwargs: dict | None):
     """The embedder on the driver (prepared there): the spec built locally, the factory called once, or the instance."""
-    from .embedders import get_embedder
+    from .embedders.registry import get_embedder
     from .embedders.base import Embedder
 
     if isinstance(embedder, str):
@@ -425,7 +423,7 @@ def embed_ray(
                         slot["vec"][p] = vb
                     else:
                         slot["fail"][p] = why
-                        _record_skip(images, ids[p], why)
+                        images.record_skip(ids[p], why)
                     e = min(n, s + shard_size)
                     if len(slot["vec"]) + len(slot["fail"]) == e - s:
                         got = _write_shard(out, s, e, pending.pop(s), ids, keys, name, metric, dim)
@@ -445,29 +443,13 @@ def embed_ray(
     for s in starts:  # decode failures of shards kept from an earlier run count as skipped too
         if s not in todo:
             for sid, why in json.loads((out / f"{_shard_stem(s)}.json").read_text(encoding="utf-8"))["skipped"]:
-                _record_skip(images, sid, why)
-    skipped = _skipped_of(images)
+                images.record_skip(sid, why)
+    skipped = [[s.id, s.reason] for s in Skipped.unique(getattr(images, "skipped", []), "")]
     _atomic_write_json(out / "manifest.json", {
         "format": "diffaudit-shards", "version": _SHARD_VERSION, "embedder": name, "metric": metric, "dim": dim,
         "num_images": n, "source": str(getattr(images, "source", "")), "shards": [p.name for p in paths],
         "skipped": skipped})
     return paths
-
-
-def _record_skip(images, id_: str, reason: str) -> None:
-    rec = getattr(images, "_record_skip", None)
-    if rec is not None:
-        rec(id_, reason)
-
-
-def _skipped_of(images) -> list[list[str]]:
-    seen, out = set(), []
-    for s in getattr(images, "skipped", []) or []:
-        sid, why = (s.id, s.reason) if hasattr(s, "id") else (s[0], s[1])
-        if sid not in seen:
-            seen.add(sid)
-            out.append([str(sid), str(why)])
-    return out
 
 
 def _read_fails(out: Path, s: int) -> dict:
@@ -565,15 +547,14 @@ def load_shards(paths_or_dir, *, dtype=np.float32):
                 skipped.append((sid, why))
     first = metas[0][0]
     return Embeddings(ids=ids, vectors=vectors, embedder=first["embedder"], metric=first["metric"],
-                      skipped=[(str(a), str(b)) for a, b in skipped])
+                      skipped=[Skipped(str(a), str(b)) for a, b in skipped])
 
 
 # ---------------------------------------------------------------------------------------------------- embed() backend
-def embed_missing_ray(images, emb, embedder_arg, ids: list[str], missing: np.ndarray, out, done: np.ndarray, store,
-                      keys, name: str, bs: int, progress: bool, options: dict | None = None,
-                      flush_every: int = 2048):
-    """``diffaudit.embedders.embed(..., backend="ray")``: embed ``missing`` positions on Ray into ``out`` / ``done``
-    (and the cache ``store``, every ``flush_every`` images), like the local backend. Returns ``out``.
+def ray_batches(images, emb, embedder_arg, missing: np.ndarray, bs: int, progress: bool, options: dict | None = None):
+    """The Ray backend of :func:`diffaudit.embedders.embed` (``backend="ray"``): yields ``(rows, vectors)`` for the
+    ``missing`` positions as Ray actors finish them (float16-rounded vectors, upcast); decode failures are recorded
+    on the ImageSet. ``embed`` writes the vectors to the result and to the cache.
 
     ``options`` (``embed(..., backend_options=...)``): ``address``, ``num_workers``, ``num_gpus_per_worker``,
     ``num_cpus_per_worker``, ``decode_workers``, ``num_cpus``, ``runtime_env``, ``shutdown``, ``embedder_kwargs``.
@@ -585,49 +566,26 @@ def embed_missing_ray(images, emb, embedder_arg, ids: list[str], missing: np.nda
     if bad:
         raise ValueError(f"backend_options: unknown keys {bad}; allowed: {sorted(allowed)}")
     _import_ray()
+    ids = list(images.ids)
     ek = opts.pop("embedder_kwargs", None)
     recipe = _recipe(embedder_arg if isinstance(embedder_arg, str) or ek else emb, emb, ek)
     should_shutdown = _start(opts.pop("address", None), opts.pop("num_cpus", None), opts.pop("runtime_env", None),
                              opts.pop("shutdown", None))
-    pend: list[int] = []
-
-    def flush() -> None:
-        if store is None or not pend:
-            return
-        rows = np.asarray(pend)
-        rows = rows[np.sort(np.unique([keys[i] for i in rows], return_index=True)[1])]
-        store.store(name, [keys[i] for i in rows], out[rows])
-        pend.clear()
-
     try:
-        for pos, ok, vecs, reasons in _run(images, recipe, name, _prepared_state(emb), np.asarray(missing, np.int64),
-                                           num_workers=opts.get("num_workers"), batch_size=bs,
-                                           num_gpus_per_worker=opts.get("num_gpus_per_worker"),
+        for pos, ok, vecs, reasons in _run(images, recipe, emb.name, _prepared_state(emb),
+                                           np.asarray(missing, np.int64), num_workers=opts.get("num_workers"),
+                                           batch_size=bs, num_gpus_per_worker=opts.get("num_gpus_per_worker"),
                                            num_cpus_per_worker=float(opts.get("num_cpus_per_worker", 1.0)),
                                            decode_workers=opts.get("decode_workers"), progress=progress):
+            rows, got = [], []
             for p, good, vb, why in zip(pos.tolist(), ok.tolist(), vecs, reasons):
-                if not good:
-                    _record_skip(images, ids[p], why)
-                    continue
-                v = np.frombuffer(vb, dtype=np.float16).astype(np.float32)
-                if out is None:
-                    out = np.zeros((len(ids), len(v)), np.float32)
-                elif out.shape[1] != len(v):
-                    raise RuntimeError(f"{name}: the cache holds vectors of dim {out.shape[1]} but the Ray workers "
-                                       f"return dim {len(v)}; clear the cache or pass cache=False")
-                out[p] = v
-                done[p] = True
-                pend.append(p)
-            if len(pend) >= flush_every:
-                flush()
-        flush()
-    except BaseException:
-        try:
-            flush()
-        except Exception as e:  # pragma: no cover
-            log.warning("could not write the last embeddings to the cache: %s", e)
-        raise
+                if good:
+                    rows.append(p)
+                    got.append(np.frombuffer(vb, dtype=np.float16).astype(np.float32))
+                else:
+                    images.record_skip(ids[p], why)
+            if rows:
+                yield rows, np.stack(got)
     finally:
         if should_shutdown:
             _import_ray().shutdown()
-    return out

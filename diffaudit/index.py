@@ -670,3 +670,39 @@ def self_neighbors(index_or_vectors, k: int = 1, *, metric: str = "l2", batch_si
         scores[s:s + len(q)] = np.take_along_axis(D, order, axis=1)
         indices[s:s + len(q)] = np.take_along_axis(I, order, axis=1)
     return scores, indices
+
+
+def duplicate_groups(n: int, a, b) -> np.ndarray:
+    """Group label (0.., in order of each group's first member) of each of ``n`` items, given duplicate pairs
+    ``a[i] ~ b[i]`` (connected components: duplicates of duplicates are one group; a singleton is its own group).
+    The one grouping of duplicates: ``find_duplicates`` clusters and the audit's duplicate counts both come from it."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    a = np.asarray(a, dtype=np.int64).reshape(-1)
+    b = np.asarray(b, dtype=np.int64).reshape(-1)
+    keep = (b >= 0) & (a != b)
+    g = coo_matrix((np.ones(int(keep.sum()), np.int8), (a[keep], b[keep])), shape=(n, n))
+    labels = connected_components(g, directed=False)[1].astype(np.int64)
+    _, first = np.unique(labels, return_index=True)  # relabel by first member: stable, order-preserving
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[labels]
+
+
+def rescore(index: EmbeddingIndex, distance, queries, cand: np.ndarray, keep: int | None = None,
+            chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Re-score candidate rows ``cand`` (n, c) of each query with ``distance(a, b, pairwise=False)`` (an embedder's
+    own distance, e.g. Carlini's tiled L2) and re-sort ascending; keep the first ``keep`` columns (default all).
+    Missing candidates (-1) score inf."""
+    q = np.asarray(queries, np.float32)
+    n, c = cand.shape
+    out = np.full((n, c), np.inf, np.float32)
+    valid = cand >= 0
+    for s in range(0, n, chunk):
+        cc = np.where(valid[s:s + chunk], cand[s:s + chunk], 0)
+        a = np.repeat(q[s:s + chunk], c, axis=0)
+        d = np.asarray(distance(a, index.take(cc).reshape(-1, index.dim), pairwise=False), np.float32)
+        out[s:s + chunk] = np.where(valid[s:s + chunk], d.reshape(cc.shape), np.inf)
+    order = np.argsort(out, axis=1, kind="stable")[:, :keep]
+    return np.take_along_axis(out, order, 1), np.take_along_axis(cand, order, 1)

@@ -13,7 +13,7 @@ at fixed timesteps and fixed noise (:func:`diffaudit.metrics.denoising_losses`; 
 (> 0: seeing x lowers its loss). Images seen by every run or by none cannot be scored; they are counted and reported
 (``label="unscored"``), not dropped silently.
 
-**Memorization or leverage?** (the debate in ``../shared/seeds``): a LOO-style score is high both for an image the
+**Memorization or leverage?** (the debate around van den Burg & Williams 2021): a LOO-style score is high both for an image the
 model copies and for a high-leverage image - an isolated outlier whose loss is large when unseen, so that any fitting
 of it moves the difference a lot. To let users tell them apart each image also gets
 
@@ -45,8 +45,6 @@ the runs are passed explicitly, a name that matches the run's path, its folder n
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -58,17 +56,12 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from ._serial import JsonMixin, atomic_write_text
-from .membership import (
-    DEFAULT_TIMESTEPS,
-    _check_common,
-    _losses,
-    _skipped,
-    as_image_set,
-    resolve_models,
-    stack_for_model,
-)
-from .results import SkippedItem
+from ._serial import atomic_write_text
+from ._util import check_int, default_device
+from .data import as_imageset
+from .membership import DEFAULT_TIMESTEPS, check_loss_args, resolve_models, skipped_of, stack_for_model
+from .reference import image_losses
+from .results import LOO_LABELS, LooImage, LooResult, LooRun
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +75,6 @@ __all__ = [
     "loo_scores",
     "read_manifest",
     "write_manifest",
-    "render_loo",
     "write_loo_outputs",
     "train_fold_runs",
     "fold_demo",
@@ -90,7 +82,7 @@ __all__ = [
 
 MANIFEST_VERSION = 1
 MANIFEST_KEYS = ("version", "runs", "meta")
-LABELS = ("memorized inlier", "memorized outlier", "hard outlier", "typical", "unscored")
+LABELS = LOO_LABELS
 _SCHEMA_HINT = ('expected {"version": 1, "runs": {"<run folder or name>": ["<image id>", ...], ...}, '
                 '"meta": {...optional...}}')
 _RATIO_CAP = 1e12
@@ -245,93 +237,6 @@ def _match_runs(runs: Any, manifest: FoldManifest) -> list[tuple[str, Any]]:
 # ------------------------------------------------------------------------------------------------------ results
 
 
-@dataclass
-class LooRun(JsonMixin):
-    name: str  # manifest key
-    model: str  # what was loaded (run root, model class)
-    checkpoint: str  # checkpoint path used
-    step: int
-    n_seen: int  # training images (present in the training set) this run saw
-    loss_seen: Optional[float] = None  # mean loss of the images it saw
-    loss_unseen: Optional[float] = None
-
-
-@dataclass
-class LooImage(JsonMixin):
-    id: str
-    loo_score: Optional[float]  # loss_out - loss_in (None when unscored)
-    n_in: int  # runs that saw the image
-    n_out: int
-    loss_in: Optional[float]
-    loss_out: Optional[float]
-    loss_ratio: Optional[float]  # loss_out / loss_in (capped at 1e12)
-    memorized: bool
-    outlier_score: float  # mean pixel L2 distance to the outlier_k nearest other training images
-    outlier: bool
-    label: str  # one of LABELS
-    copies: Optional[int] = None  # samples copying it (from an audit), when given
-
-
-@dataclass
-class LooResult(JsonMixin):
-    images: list[LooImage]  # highest loo_score first, unscored last
-    runs: list[LooRun]
-    rule: str  # how "memorized" was decided
-    threshold: Optional[float]  # loo_score threshold (rules "mad" / absolute), or None (ratio rule)
-    min_ratio: Optional[float]  # loss_out / loss_in threshold (ratio rule), or None
-    outlier_cut: float  # outlier_score above this -> outlier
-    outlier_k: int = 5
-    outlier_quantile: float = 0.95
-    timesteps: list[int] = field(default_factory=lambda: list(DEFAULT_TIMESTEPS))
-    noise_draws: int = 4
-    seed: int = 0
-    n_seen_by_all: int = 0  # unscored: every run saw them
-    n_seen_by_none: int = 0  # unscored: no run saw them
-    unknown_ids: list[str] = field(default_factory=list)  # manifest ids not in the training set (strict=False)
-    manifest: str = ""
-    train: str = ""
-    train_fingerprint: str = ""
-    skipped: list[SkippedItem] = field(default_factory=list)
-    losses: list[list[float]] = field(default_factory=list)  # [image][run] loss, images in training-set order
-    loss_ids: list[str] = field(default_factory=list)  # row ids of `losses`
-    seconds: float = 0.0
-
-    @property
-    def scores(self) -> dict[str, Optional[float]]:
-        """``{training id: loo_score}`` (None when unscored) - e.g. for ``ImageRisk.loo_score``."""
-        return {im.id: im.loo_score for im in self.images}
-
-    def counts(self) -> dict[str, int]:
-        out = {lab: 0 for lab in LABELS}
-        for im in self.images:
-            out[im.label] = out.get(im.label, 0) + 1
-        return out
-
-    def summary(self) -> str:
-        c = self.counts()
-        scored = len(self.images) - c["unscored"]
-        parts = [f"{c[lab]} {lab}" for lab in LABELS if c[lab]]
-        return (f"{scored} of {len(self.images)} training images scored over {len(self.runs)} runs: "
-                + ", ".join(parts) + f" (memorized: {self.rule})")
-
-    def to_csv(self, path: str | os.PathLike) -> str:
-        from .report.audit import _csv_num, _csv_text
-
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["id", "label", "loo_score", "loss_ratio", "n_in", "n_out", "loss_in", "loss_out",
-                    "outlier_score", "outlier", "memorized", "copies"])
-        for im in self.images:
-            w.writerow([_csv_text(im.id), _csv_text(im.label), _csv_num(im.loo_score), _csv_num(im.loss_ratio),
-                        im.n_in, im.n_out, _csv_num(im.loss_in), _csv_num(im.loss_out), _csv_num(im.outlier_score),
-                        int(im.outlier), int(im.memorized), _csv_num(im.copies)])
-        atomic_write_text(path, buf.getvalue())
-        return str(path)
-
-    def to_html(self, path: str | os.PathLike, images: Any = None, **kw) -> str:
-        return render_loo(self, path, images=images, **kw)
-
-
 # --------------------------------------------------------------------------------------------------------- core
 
 
@@ -409,14 +314,14 @@ def loo_scores(
     the scores. Same ``seed`` and timesteps -> the same noise per image in every run.
     """
     t0 = time.perf_counter()
-    ts = _check_common(timesteps, noise_draws, batch_size)
+    ts = check_loss_args(timesteps, noise_draws, batch_size)
     if checkpoint is not None and (isinstance(checkpoint, bool) or not isinstance(checkpoint, (int, np.integer))):
         raise ValueError(f"checkpoint={checkpoint!r} is not allowed: expected None (each run's last model) or an "
                          "integer step present in every run")
     if isinstance(outlier_k, bool) or not isinstance(outlier_k, (int, np.integer)) or outlier_k < 1:
         raise ValueError(f"outlier_k={outlier_k!r} is not allowed: expected an integer >= 1")
     man = read_manifest(manifest)
-    train_set = as_image_set(train, "train")
+    train_set = as_imageset(train, "train")
     if len(train_set) < 2:
         raise ValueError(f"train: need at least 2 training images; got {len(train_set)}")
     pairs = _match_runs(runs, man)
@@ -461,7 +366,7 @@ def loo_scores(
                 ids = r_ids
             elif r_ids != ids:  # pragma: no cover - decode failures differ between passes
                 raise RuntimeError("the training images decoded differently between runs; check train.skipped")
-            cols.append(_losses(model, sched, r_ids, x, seed=int(seed), **kw))
+            cols.append(image_losses(model, sched, r_ids, x, seed=int(seed), **kw))
             run_rows.append(LooRun(name=key, model=desc, checkpoint=str(ref.path), step=int(ref.step), n_seen=0))
             del model
             if prog is not None:
@@ -531,190 +436,10 @@ def loo_scores(
         outlier_k=int(outlier_k), outlier_quantile=float(outlier_quantile), timesteps=ts,
         noise_draws=int(noise_draws), seed=int(seed), n_seen_by_all=n_all, n_seen_by_none=n_none,
         unknown_ids=unknown, manifest=man.source, train=str(getattr(train_set, "source", "")),
-        train_fingerprint=fp, skipped=_skipped(train_set, "train"),
+        train_fingerprint=fp, skipped=skipped_of(train_set, "train"),
         losses=[[float(v) for v in row] for row in L], loss_ids=list(ids),
         seconds=round(time.perf_counter() - t0, 3),
     )
-
-
-# --------------------------------------------------------------------------------------------------------- HTML
-
-_LABEL_COLORS = {  # Okabe & Ito palette (as the audit report)
-    "memorized inlier": "#D55E00",
-    "memorized outlier": "#CC79A7",
-    "hard outlier": "#0072B2",
-    "typical": "#999999",
-    "unscored": "#E69F00",
-}
-
-_CSS = """
-body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1200px}
-h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px}
-.muted{color:#666} .summary{background:#f6f6f6;padding:10px 14px;border-radius:6px}
-table{border-collapse:collapse;font-size:13px} th,td{padding:4px 8px;border-bottom:1px solid #e4e4e4;text-align:left}
-th{background:#fafafa;position:sticky;top:0} td.num{text-align:right;font-variant-numeric:tabular-nums}
-.lab{display:inline-block;padding:1px 7px;border-radius:9px;color:#fff;font-size:12px;white-space:nowrap}
-img.t{image-rendering:pixelated;display:block;background:#eee}
-.legend span{margin-right:14px;white-space:nowrap}
-.sw{display:inline-block;width:10px;height:10px;border-radius:5px;margin-right:4px}
-svg text{font:11px system-ui,sans-serif;fill:#444}
-"""
-
-
-def _fmt(v: Optional[float], digits: int = 4) -> str:
-    if v is None or not math.isfinite(v):
-        return "-"
-    return f"{v:.{digits}g}"
-
-
-def _scatter_svg(result: LooResult, width: int = 640, height: int = 400) -> str:
-    from .report._html import esc
-
-    pts = [(im.outlier_score, im.loo_score, im) for im in result.images if im.loo_score is not None]
-    if not pts:
-        return '<p class="muted">No image could be scored (every image was seen by all runs or by none).</p>'
-    ml, mr, mt, mb = 64, 16, 14, 44
-    xs = [p[0] for p in pts] + [result.outlier_cut]
-    ys = [p[1] for p in pts] + [0.0] + ([result.threshold] if result.threshold is not None else [])
-    x0, x1 = min(xs), max(xs)
-    y0, y1 = min(ys), max(ys)
-    if x1 - x0 <= 0:
-        x0, x1 = x0 - 1, x1 + 1
-    if y1 - y0 <= 0:
-        y0, y1 = y0 - 1, y1 + 1
-    padx, pady = 0.04 * (x1 - x0), 0.06 * (y1 - y0)
-    x0, x1, y0, y1 = x0 - padx, x1 + padx, y0 - pady, y1 + pady
-
-    def sx(v):
-        return ml + (v - x0) / (x1 - x0) * (width - ml - mr)
-
-    def sy(v):
-        return height - mb - (v - y0) / (y1 - y0) * (height - mt - mb)
-
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-             f'aria-label="leave-one-out score against outlier score">',
-             f'<rect x="{ml}" y="{mt}" width="{width - ml - mr}" height="{height - mt - mb}" fill="#fff" '
-             'stroke="#ccc"/>']
-    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):  # ticks
-        xv, yv = x0 + frac * (x1 - x0), y0 + frac * (y1 - y0)
-        parts.append(f'<text x="{sx(xv):.1f}" y="{height - mb + 16}" text-anchor="middle">{esc(_fmt(xv, 3))}</text>')
-        parts.append(f'<text x="{ml - 6}" y="{sy(yv) + 4:.1f}" text-anchor="end">{esc(_fmt(yv, 3))}</text>')
-    parts.append(f'<line x1="{ml}" x2="{width - mr}" y1="{sy(0):.1f}" y2="{sy(0):.1f}" stroke="#bbb"/>')
-    parts.append(f'<line x1="{sx(result.outlier_cut):.1f}" x2="{sx(result.outlier_cut):.1f}" y1="{mt}" '
-                 f'y2="{height - mb}" stroke="#0072B2" stroke-dasharray="4 3"/>')
-    if result.threshold is not None:
-        parts.append(f'<line x1="{ml}" x2="{width - mr}" y1="{sy(result.threshold):.1f}" '
-                     f'y2="{sy(result.threshold):.1f}" stroke="#D55E00" stroke-dasharray="4 3"/>')
-    for xv, yv, im in pts:
-        col = _LABEL_COLORS.get(im.label, "#444")
-        parts.append(f'<circle cx="{sx(xv):.1f}" cy="{sy(yv):.1f}" r="4" fill="{col}" fill-opacity="0.8" '
-                     f'stroke="#fff" stroke-width="0.5"><title>{esc(im.id)}: LOO {esc(_fmt(im.loo_score))}, '
-                     f'outlier {esc(_fmt(im.outlier_score))}, {esc(im.label)}</title></circle>')
-    parts.append(f'<text x="{(ml + width - mr) / 2:.0f}" y="{height - 8}" text-anchor="middle">outlier score '
-                 f'(mean pixel L2 to {result.outlier_k} nearest training images; dashed: outlier cut)</text>')
-    parts.append(f'<text transform="translate(14 {(mt + height - mb) / 2:.0f}) rotate(-90)" text-anchor="middle">'
-                 'LOO score (loss unseen - loss seen)</text>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def _thumb_provider(images: Any):
-    if images is None:
-        return None
-    if callable(images) and not hasattr(images, "load"):
-        return images
-    if isinstance(images, (str, os.PathLike, np.ndarray)):
-        images = as_image_set(images, "images")
-
-    def provide(image_id: str):
-        try:
-            return images.load(image_id)
-        except Exception:  # a missing thumbnail must not break the report
-            return None
-
-    return provide
-
-
-def render_loo(result: LooResult, path: str | os.PathLike, *, images: Any = None, thumb_px: int = 48,
-               max_rows: int = 2000, title: Optional[str] = None) -> str:
-    """Write a self-contained HTML page for ``result``: summary, a scatter plot (inline SVG) of LOO score against
-    outlier score coloured by label, and a table per image (thumbnail, LOO score, loss ratio, outlier score, copy
-    count, label). ``images``: the training ImageSet / folder (or a callable ``id -> uint8 image | None``) for the
-    thumbnails. Every string from the data is HTML-escaped; the page loads nothing (CSP: no scripts, images only
-    from ``data:`` URIs)."""
-    from .report._html import CSP, esc, png_data_uri
-
-    if not isinstance(result, LooResult):
-        raise TypeError(f"result: expected a LooResult, got {type(result).__name__}")
-    p = Path(path)
-    if p.is_dir():
-        raise IsADirectoryError(f"path: {str(path)!r} is a folder; pass a file name such as 'loo.html'")
-    provider = _thumb_provider(images)
-    csp = CSP.replace("script-src 'unsafe-inline'", "script-src 'none'")
-    ttl = title or "Leave-one-out memorization"
-    c = result.counts()
-    legend = "".join(f'<span><i class="sw" style="background:{_LABEL_COLORS[lab]}"></i>{esc(lab)}: {c.get(lab, 0)}'
-                     "</span>" for lab in LABELS)
-    runs_rows = "".join(
-        f"<tr><td>{esc(r.name)}</td><td>{esc(r.checkpoint)}</td><td class=num>{r.n_seen}</td>"
-        f"<td class=num>{esc(_fmt(r.loss_seen))}</td><td class=num>{esc(_fmt(r.loss_unseen))}</td></tr>"
-        for r in result.runs)
-    has_copies = any(im.copies is not None for im in result.images)
-    rows = []
-    for im in result.images[:max_rows]:
-        thumb = ""
-        if provider is not None:
-            arr = provider(im.id)
-            if arr is not None:
-                try:
-                    thumb = f'<img class="t" alt="" width="{thumb_px}" height="{thumb_px}" ' \
-                            f'src="{png_data_uri(arr, max_side=thumb_px)}">'
-                except Exception:  # pragma: no cover - odd array
-                    thumb = ""
-        col = _LABEL_COLORS.get(im.label, "#444")
-        rows.append(
-            f"<tr><td>{thumb}</td><td>{esc(im.id)}</td>"
-            f'<td><span class="lab" style="background:{col}">{esc(im.label)}</span></td>'
-            f"<td class=num>{esc(_fmt(im.loo_score))}</td><td class=num>{esc(_fmt(im.loss_ratio, 3))}</td>"
-            f"<td class=num>{esc(_fmt(im.loss_in))}</td><td class=num>{esc(_fmt(im.loss_out))}</td>"
-            f"<td class=num>{im.n_in}/{im.n_in + im.n_out}</td><td class=num>{esc(_fmt(im.outlier_score, 3))}</td>"
-            + (f"<td class=num>{esc('-' if im.copies is None else im.copies)}</td>" if has_copies else "")
-            + "</tr>")
-    more = (f'<p class="muted">Showing the {max_rows} highest-scoring of {len(result.images)} images; loo.csv '
-            "has them all.</p>" if len(result.images) > max_rows else "")
-    unscored = ""
-    if result.n_seen_by_all or result.n_seen_by_none or result.unknown_ids:
-        unscored = (f"<p>Unscored: {result.n_seen_by_all} images seen by every run, {result.n_seen_by_none} by "
-                    f"none. Manifest ids not in the training set (ignored): {len(result.unknown_ids)}.</p>")
-    html_text = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{esc(csp)}">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{esc(ttl)}</title><style>{_CSS}</style></head><body>
-<h1>{esc(ttl)}</h1>
-<p class="muted">Training set: {esc(result.train)} &middot; manifest: {esc(result.manifest)} &middot;
-timesteps {esc(result.timesteps)} &times; {result.noise_draws} noise draws, seed {result.seed}</p>
-<div class="summary"><p>{esc(result.summary())}</p>
-<p>LOO score = mean denoising loss of an image under the runs that did <b>not</b> see it minus under the runs that
-did (van den Burg &amp; Williams 2021; Zhang et al. 2021). A high score alone cannot tell memorization from high
-leverage: an isolated outlier has a large loss when unseen. So each image also has an outlier score (pixel-space
-distance to its {result.outlier_k} nearest training images; outlier above the {result.outlier_quantile:.0%} quantile).
-<b>Memorized</b>: {esc(result.rule)}. <b>Memorized inlier</b> = a typical image the runs reproduce only when they
-saw it; <b>hard outlier</b> = an isolated image the runs do not fit even when they saw it.</p>
-<p class="legend">{legend}</p>{unscored}</div>
-<h2>LOO score against outlier score</h2>
-{_scatter_svg(result)}
-<h2>Runs</h2>
-<table><tr><th>run</th><th>checkpoint</th><th>images seen</th><th>loss (seen)</th><th>loss (unseen)</th></tr>
-{runs_rows}</table>
-<h2>Training images</h2>{more}
-<table><tr><th></th><th>id</th><th>label</th><th>LOO score</th><th>loss ratio (out/in)</th><th>loss in</th>
-<th>loss out</th><th>runs in</th><th>outlier score</th>{"<th>copies</th>" if has_copies else ""}</tr>
-{"".join(rows)}</table>
-</body></html>
-"""
-    atomic_write_text(p, html_text)
-    return str(p)
 
 
 def write_loo_outputs(result: LooResult, out_dir: str | os.PathLike, *, images: Any = None) -> dict[str, str]:
@@ -723,7 +448,7 @@ def write_loo_outputs(result: LooResult, out_dir: str | os.PathLike, *, images: 
     out.mkdir(parents=True, exist_ok=True)
     result.to_json(out / "loo.json")
     paths = {"json": str(out / "loo.json"), "csv": result.to_csv(out / "loo.csv"),
-             "html": render_loo(result, out / "loo.html", images=images)}
+             "html": result.to_html(out / "loo.html", images=images)}
     return paths
 
 
@@ -782,7 +507,7 @@ def train_fold_runs(
     num_threads: Optional[int] = None,
     progress: bool = False,
 ) -> FoldRuns:
-    """Train ``k`` demo DDPMs (:func:`diffaudit.demo.make_demo_unet`, the demo's scheduler and recipe) on folds of
+    """Train ``k`` demo DDPMs (:func:`diffaudit.training.make_demo_unet`, the demo's scheduler and recipe) on folds of
     ``n_train`` scikit-learn digits and write the fold manifest.
 
     ``scheme="half"`` (default): complementary pairs of runs, each pair splitting the pool in random halves (every
@@ -797,13 +522,12 @@ def train_fold_runs(
     import torch
     from diffusers import DDPMPipeline
 
-    from .demo import (EpochBatches, _check_int, _write_pngs, ddpm_loss, digits_split, make_adamw,
-                       make_demo_scheduler, make_demo_unet)
-    from .embedders.base import default_device
+    from .training import (EpochBatches, ddpm_loss, digits_split, make_adamw, make_demo_scheduler, make_demo_unet,
+                           write_pngs)
 
-    k = _check_int("k", k, 2)
-    steps = _check_int("steps", steps, 1)
-    batch_size = _check_int("batch_size", batch_size, 1)
+    k = check_int("k", k, 2)
+    steps = check_int("steps", steps, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
     if scheme not in ("half", "kfold"):
         raise ValueError(f"scheme={scheme!r} is not allowed: expected 'half' or 'kfold'")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
@@ -812,8 +536,8 @@ def train_fold_runs(
     device = device or default_device()
     out = Path(out_dir)
     pool, held, pool_idx, held_idx = digits_split(n_train, n_heldout, seed=seed, image_size=image_size)
-    train_ids = _write_pngs(out / "train", pool, pool_idx)
-    _write_pngs(out / "heldout", held, held_idx)
+    train_ids = write_pngs(out / "train", pool, pool_idx)
+    write_pngs(out / "heldout", held, held_idx)
     seen = _fold_assignment(len(pool), k, scheme, np.random.default_rng([seed, 7]))
     runs: dict[str, list[str]] = {}
     run_dirs: list[Path] = []

@@ -26,19 +26,17 @@ error).
 """
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import logging
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Sequence, Union
 
 import numpy as np
 
-from ._serial import JsonMixin, atomic_write_text
-from .results import SkippedItem
+from .data import as_imageset
+from .metrics.loss import noise_index
+from .reference import image_losses, stack_images
+from .results import MembershipCheckpoint, MembershipImage, MembershipResult, Skipped
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +48,13 @@ __all__ = [
     "noise_index",
     "resolve_models",
     "as_image_set",
+    "check_loss_args",
+    "skipped_of",
     "stack_for_model",
 ]
+
+#: the former name of :func:`diffaudit.data.as_imageset`
+as_image_set = as_imageset
 
 #: Carlini et al. 2023: t around 100 of 1000 is the most informative timestep for membership inference.
 DEFAULT_TIMESTEPS = (100,)
@@ -60,44 +63,15 @@ DEFAULT_TIMESTEPS = (100,)
 # ----------------------------------------------------------------------------------------------------- helpers
 
 
-def noise_index(image_id: str) -> int:
-    """A stable non-negative integer (< 2**56) for an image id: the per-image noise index of the loss passes.
-
-    The same id gets the same noise in every run, at every checkpoint and in any subset of the images.
-    """
-    digest = hashlib.sha256(str(image_id).encode("utf-8", "surrogateescape")).digest()
-    return int.from_bytes(digest[:7], "big")
-
-
-def as_image_set(images: Any, name: str):
-    """An :class:`~diffaudit.data.ImageSet` from an ImageSet, a folder path or a uint8 array (N, H, W[, C])."""
-    from .data import ImageSet
-
-    if isinstance(images, ImageSet):
-        return images
-    if isinstance(images, (str, os.PathLike)):
-        p = Path(images)
-        if not p.exists():
-            raise FileNotFoundError(f"{name}={str(images)!r}: no such folder")
-        return ImageSet.from_folder(p)
-    if isinstance(images, np.ndarray):
-        return ImageSet.from_arrays(images)
-    raise TypeError(f"{name}: expected an ImageSet, a folder path or a uint8 array (N, H, W[, C]); "
-                    f"got {type(images).__name__}")
-
-
 def stack_for_model(images, model) -> tuple[list[str], np.ndarray]:
     """Decode every image of an ImageSet at the model's ``config.sample_size`` and ``config.in_channels``
-    (grayscale models get the channel mean), as :func:`diffaudit.audit.loss_pass` does. Returns (ids, uint8 NHWC);
-    images that fail to decode are left out (and recorded in ``images.skipped``)."""
-    from .audit import _stack_images
-
+    (grayscale models get the channel mean), as the audit's loss pass does. Returns (ids, uint8 NHWC); images that
+    fail to decode are left out (and recorded in ``images.skipped``)."""
     conf = getattr(model, "config", None)
     size = getattr(conf, "sample_size", None)
     if isinstance(size, (list, tuple)):
         size = tuple(int(s) for s in size)
-    channels = getattr(conf, "in_channels", None)
-    return _stack_images(images, range(len(images)), size, channels)
+    return stack_images(images, range(len(images)), size, getattr(conf, "in_channels", None))
 
 
 @dataclass
@@ -172,14 +146,7 @@ def resolve_models(model_or_run: Any, *, scheduler=None, checkpoint: Union[None,
     return refs, sched, f"run:{run.root}"
 
 
-def _losses(model, scheduler, ids, x, *, timesteps, noise_draws, seed, batch_size, device) -> np.ndarray:
-    from .metrics import denoising_losses
-
-    return denoising_losses(model, scheduler, x, timesteps=tuple(timesteps), noise_draws=noise_draws, seed=seed,
-                            batch_size=batch_size, device=device, indices=[noise_index(i) for i in ids])
-
-
-def _check_common(timesteps, noise_draws, batch_size) -> list[int]:
+def check_loss_args(timesteps, noise_draws, batch_size) -> list[int]:
     ts = [int(t) for t in np.atleast_1d(np.asarray(timesteps))]
     if not ts:
         raise ValueError(f"timesteps={timesteps!r}: give at least one timestep (default (100,))")
@@ -190,77 +157,12 @@ def _check_common(timesteps, noise_draws, batch_size) -> list[int]:
     return ts
 
 
-def _skipped(images, where: str) -> list[SkippedItem]:
-    return [SkippedItem(s.id, s.reason, where) for s in getattr(images, "skipped", [])]
+def skipped_of(images, where: str) -> list[Skipped]:
+    """The ImageSet's skipped items, placed in ``where``."""
+    return [s.at(where) for s in getattr(images, "skipped", [])]
 
 
 # ------------------------------------------------------------------------------------------------------ results
-
-
-@dataclass
-class MembershipCheckpoint(JsonMixin):
-    """Train vs held-out separation at one checkpoint."""
-
-    step: int
-    path: str
-    auc: float  # Mann-Whitney AUC of "lower loss = member" (0.5 = none, 1 = perfect)
-    loss_train: float  # mean denoising loss of the training images
-    loss_heldout: float
-    loss_gap: float  # heldout - train (> 0: training images are fit better)
-
-
-@dataclass
-class MembershipImage(JsonMixin):
-    """One training image: its loss and calibrated score at the last scored checkpoint."""
-
-    id: str
-    loss: float
-    score: float  # fraction of held-out losses greater than this image's loss (ties 1/2); 1.0 = most member-like
-    loss_by_step: dict[str, float] = field(default_factory=dict)  # when several checkpoints were scored
-    score_by_step: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class MembershipResult(JsonMixin):
-    """Output of :func:`membership_scores`: per-checkpoint AUC and per-training-image scores."""
-
-    checkpoints: list[MembershipCheckpoint]
-    images: list[MembershipImage]  # training images in the order of the training set
-    heldout_ids: list[str] = field(default_factory=list)
-    heldout_losses: list[float] = field(default_factory=list)  # at the last scored checkpoint
-    timesteps: list[int] = field(default_factory=lambda: list(DEFAULT_TIMESTEPS))
-    noise_draws: int = 4
-    seed: int = 0
-    model: str = ""
-    train: str = ""
-    heldout: str = ""
-    skipped: list[SkippedItem] = field(default_factory=list)
-
-    @property
-    def auc(self) -> Optional[float]:
-        """AUC at the last scored checkpoint."""
-        return self.checkpoints[-1].auc if self.checkpoints else None
-
-    @property
-    def scores(self) -> dict[str, float]:
-        """``{training id: calibrated score}`` at the last scored checkpoint."""
-        return {im.id: im.score for im in self.images}
-
-    def to_csv(self, path: str | os.PathLike) -> str:
-        """Per training image, most member-like first: id, loss, score, then loss/score per step when several
-        checkpoints were scored. Formula-like text cells get a leading ``'`` (CSV injection)."""
-        from .report.audit import _csv_num, _csv_text
-
-        steps = [str(c.step) for c in self.checkpoints] if len(self.checkpoints) > 1 else []
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["id", "loss", "score"] + [f"loss@{s}" for s in steps] + [f"score@{s}" for s in steps])
-        for im in sorted(self.images, key=lambda r: (-r.score, r.loss, r.id)):
-            w.writerow([_csv_text(im.id), _csv_num(im.loss), _csv_num(im.score)]
-                       + [_csv_num(im.loss_by_step.get(s)) for s in steps]
-                       + [_csv_num(im.score_by_step.get(s)) for s in steps])
-        atomic_write_text(path, buf.getvalue())
-        return str(path)
 
 
 # --------------------------------------------------------------------------------------------------------- API
@@ -288,10 +190,10 @@ def membership_scores(
     to the model's size and channel count. ``checkpoint``: ``None`` = the last checkpoint, ``"all"`` = every
     checkpoint (one AUC each; the per-image table keeps each step's loss and score), or a step.
     """
-    ts = _check_common(timesteps, noise_draws, batch_size)
+    ts = check_loss_args(timesteps, noise_draws, batch_size)
     refs, sched, desc = resolve_models(model_or_run, scheduler=scheduler, checkpoint=checkpoint, device=device)
-    train_set = as_image_set(train, "train")
-    held_set = as_image_set(heldout, "heldout")
+    train_set = as_imageset(train, "train")
+    held_set = as_imageset(heldout, "heldout")
     if len(held_set) < 20:
         log.warning("heldout has only %d images: the calibrated scores have a resolution of 1/%d",
                     len(held_set), len(held_set))
@@ -317,8 +219,8 @@ def membership_scores(
             t_ids, t_x, h_ids, h_x = stacked
             from .metrics import membership_auc, membership_percentile
 
-            tl = _losses(model, sched, t_ids, t_x, seed=int(seed), **kw)
-            hl = _losses(model, sched, h_ids, h_x, seed=int(seed) + 1, **kw)
+            tl = image_losses(model, sched, t_ids, t_x, seed=int(seed), **kw)
+            hl = image_losses(model, sched, h_ids, h_x, seed=int(seed) + 1, **kw)
             pct = membership_percentile(tl, hl)
             cps.append(MembershipCheckpoint(
                 step=int(ref.step), path=str(ref.path), auc=float(membership_auc(tl, hl)),
@@ -349,5 +251,5 @@ def membership_scores(
         checkpoints=cps, images=images, heldout_ids=list(h_ids), heldout_losses=[float(v) for v in h_last],
         timesteps=ts, noise_draws=int(noise_draws), seed=int(seed), model=desc,
         train=str(getattr(train_set, "source", "")), heldout=str(getattr(held_set, "source", "")),
-        skipped=_skipped(train_set, "train") + _skipped(held_set, "heldout"),
+        skipped=skipped_of(train_set, "train") + skipped_of(held_set, "heldout"),
     )

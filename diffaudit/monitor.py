@@ -1,137 +1,20 @@
-"""Memorization onset: the one rule shared by ``audit()`` and the training-time monitor (no framework import).
+"""MemorizationMonitor: the training-time monitor (framework-free; Lightning / accelerate glue in integrations/).
 
-Onset rule
-----------
-At each evaluated checkpoint the audit computes an onset *signal* -- a fraction of copied samples with a
-confidence interval (``Estimate``; Wilson score interval, see ``diffaudit.metrics.stats``). Memorization onset is
-the first evaluated step ``s`` such that the CI **lower bound** exceeds ``threshold`` at ``s`` and at the next
-``patience - 1`` evaluated steps:
-
-* the lower bound makes one checkpoint's evidence count only when the fraction is *significantly* above the
-  threshold at the chosen confidence (a handful of chance near-copies among a few hundred samples is not enough);
-* ``patience`` consecutive confirmations ignore isolated blips (sampling noise, a bad checkpoint);
-* the onset is reported at the *first* step of the confirming run, so it does not lag by ``patience - 1`` steps.
-
-While fewer than ``patience`` evaluations exist after a candidate step, onset is *not yet confirmed* and the result
-is ``None``; the monitor calls :func:`detect_onset` on the whole history after each evaluation and stops training
-the first time it returns a step. Missing lower bounds (``None``/NaN: not computed) break a run.
+It keeps only the cadence, the state and the logging: each evaluation is :func:`diffaudit.reference.evaluate_checkpoint`
+(the same per-checkpoint step as ``audit()``), and every decision comes from :mod:`diffaudit.onset`.
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
-from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
-DEFAULT_THRESHOLD = 0.02
-DEFAULT_PATIENCE = 2
-DEFAULT_CONFIDENCE = 0.95
+from .data import as_imageset
+from .onset import (ONSET_RULE_TEXT, OnsetRule, Recommendation, detect_onset, onset_info, onset_of,
+                    recommend_checkpoint, recommendation_for, verdict)
 
-
-def _check_rule(threshold: float, patience: int) -> None:
-    if not math.isfinite(float(threshold)):
-        raise ValueError(f"threshold={threshold!r} must be a finite number (e.g. 0.02 = 2% of samples)")
-    if int(patience) != patience or patience < 1:
-        raise ValueError(f"patience={patience!r} must be an integer >= 1")
-
-
-def _sorted_history(steps: Sequence[int], values: Sequence, name: str) -> list[tuple[int, object]]:
-    steps = [int(s) for s in steps]
-    values = list(values)
-    if len(steps) != len(values):
-        raise ValueError(f"steps and {name} must have the same length; got {len(steps)} and {len(values)}")
-    if len(set(steps)) != len(steps):
-        dup = sorted({s for s in steps if steps.count(s) > 1})
-        raise ValueError(f"steps must be unique; repeated: {dup}")
-    return sorted(zip(steps, values), key=lambda p: p[0])
-
-
-def _valid(x) -> bool:
-    return x is not None and math.isfinite(float(x))
-
-
-def detect_onset(steps: Sequence[int], lows: Sequence[Optional[float]], threshold: float = DEFAULT_THRESHOLD,
-                 patience: int = DEFAULT_PATIENCE) -> Optional[int]:
-    """First evaluated step whose CI lower bound, and those of the next ``patience - 1`` evaluated steps, are all
-    ``> threshold``; ``None`` when no such run is (yet) complete. Steps need not be given in order."""
-    _check_rule(threshold, patience)
-    hist = _sorted_history(steps, lows, "lows")
-    run_start, run_len = None, 0
-    for step, low in hist:
-        if _valid(low) and float(low) > threshold:
-            if run_len == 0:
-                run_start = step
-            run_len += 1
-            if run_len >= patience:
-                return run_start
-        else:
-            run_start, run_len = None, 0
-    return None
-
-
-@dataclass(frozen=True)
-class OnsetRule:
-    """Parameters of the onset rule; ``confidence`` is the CI level the signal's lower bound is computed at."""
-
-    threshold: float = DEFAULT_THRESHOLD
-    patience: int = DEFAULT_PATIENCE
-    confidence: float = DEFAULT_CONFIDENCE
-
-    def __post_init__(self) -> None:
-        _check_rule(self.threshold, self.patience)
-        if not 0.0 < float(self.confidence) < 1.0:
-            raise ValueError(f"confidence={self.confidence!r} must be strictly between 0 and 1")
-
-    def detect(self, steps: Sequence[int], lows: Sequence[Optional[float]]) -> Optional[int]:
-        return detect_onset(steps, lows, self.threshold, self.patience)
-
-
-class Recommendation(NamedTuple):
-    step: Optional[int]
-    reason: str
-
-
-def recommend_checkpoint(steps: Sequence[int], onset_step: Optional[int],
-                         heldout_losses: Optional[Sequence[Optional[float]]] = None,
-                         signal_values: Optional[Sequence[Optional[float]]] = None) -> Recommendation:
-    """The checkpoint to keep: ``(step, reason)``.
-
-    Candidates are the checkpoints strictly before ``onset_step`` (all of them when there is no onset). Among them,
-    the one with the lowest held-out denoising loss (the generalization criterion: early stopping on validation
-    loss) when losses are given; ties go to the lower onset signal, then to the later step. Without held-out losses,
-    the latest candidate (most trained before memorization). ``step`` is ``None`` when onset is at the first
-    evaluated checkpoint (no clean checkpoint was evaluated).
-    """
-    steps = [int(s) for s in steps]
-    base = _sorted_history(steps, [None] * len(steps), "steps")
-    all_steps = [s for s, _ in base]
-    if not all_steps:
-        return Recommendation(None, "no checkpoints were evaluated")
-    losses = dict(_sorted_history(steps, heldout_losses, "heldout_losses")) if heldout_losses is not None else {}
-    signal = dict(_sorted_history(steps, signal_values, "signal_values")) if signal_values is not None else {}
-    cand = all_steps if onset_step is None else [s for s in all_steps if s < int(onset_step)]
-    where = "no memorization onset was detected" if onset_step is None else \
-        f"memorization onset at step {int(onset_step)}"
-    if not cand:
-        return Recommendation(None, f"{where} and no earlier checkpoint was evaluated; evaluate earlier "
-                                    "checkpoints or retrain with fewer steps / more data")
-    with_loss = [s for s in cand if _valid(losses.get(s))]
-    if with_loss:
-        def key(s: int):
-            sig = signal.get(s)
-            return (float(losses[s]), float(sig) if _valid(sig) else math.inf, -s)
-
-        best = min(with_loss, key=key)
-        scope = "all checkpoints" if onset_step is None else f"checkpoints before step {int(onset_step)}"
-        return Recommendation(best, f"{where}; lowest held-out denoising loss ({float(losses[best]):.6g}) among "
-                                    f"{scope} with a held-out loss ({len(with_loss)})")
-    best = max(cand)
-    if onset_step is None:
-        return Recommendation(best, f"{where}; latest checkpoint (no held-out loss to compare checkpoints)")
-    return Recommendation(best, f"{where}; latest checkpoint before onset (no held-out loss to compare checkpoints)")
-
-
+__all__ = ["MemorizationMonitor", "OnsetRule", "Recommendation", "detect_onset", "recommend_checkpoint"]
 # ---------------------------------------------------------------------------------------------------------------
 # MemorizationMonitor: the training-time monitor (framework-free; Lightning / accelerate glue in integrations/)
 
@@ -140,8 +23,6 @@ _log = logging.getLogger(__name__)
 #: ``state_dict()`` format tag (bumped when the layout changes)
 STATE_FORMAT = "diffaudit.MemorizationMonitor/1"
 
-#: byte budget for keeping the denoising-loss images decoded in memory between evaluations
-_LOSS_CACHE_BYTES = 256 * 2**20
 
 
 def _env_rank() -> Optional[int]:
@@ -272,7 +153,6 @@ class MemorizationMonitor:
         self._copies: dict[str, dict[int, int]] = {}
         self._metrics: dict[str, float] = {}
         self._ref = None
-        self._loss_ref = None
         self._sampler = None
         if lazy is None:
             lazy = (_env_rank() or 0) > 0
@@ -282,22 +162,13 @@ class MemorizationMonitor:
     # -- construction helpers ----------------------------------------------------------------------------------
     @staticmethod
     def _as_imageset(images, name: str):
-        import numpy as np
-
-        from .data import ImageSet
-
-        if isinstance(images, ImageSet):
-            return images
-        if isinstance(images, np.ndarray):
-            return ImageSet.from_arrays(images)
         if isinstance(images, (str, os.PathLike)):
             from pathlib import Path
 
             if not Path(images).is_dir():
                 raise FileNotFoundError(f"MemorizationMonitor: {name}={str(images)!r} is not a folder of images")
-            return images  # ReferenceSet scans it (once)
-        raise TypeError(f"MemorizationMonitor: {name} must be an ImageSet, a folder or a uint8 array; got "
-                        f"{type(images).__name__}")
+            return images  # the ReferenceSet scans it (once, when built: not at all on a lazy non-zero rank)
+        return as_imageset(images, f"MemorizationMonitor: {name}")
 
     @staticmethod
     def _as_scheduler(spec, name: str):
@@ -319,7 +190,7 @@ class MemorizationMonitor:
         if self._ref is None:
             import time
 
-            from .audit import ReferenceSet
+            from .reference import ReferenceSet
             from .sampling import CheckpointSampler
 
             t0 = time.perf_counter()
@@ -356,11 +227,7 @@ class MemorizationMonitor:
 
     @property
     def recommendation(self) -> Recommendation:
-        steps = [c.step for c in self.history]
-        return recommend_checkpoint(
-            steps, self._onset_step, heldout_losses=[c.loss_heldout for c in self.history],
-            signal_values=[c.onset_signal.value if c.onset_signal is not None else None for c in self.history],
-        )
+        return recommendation_for(self.history, self._onset_step)
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -374,10 +241,7 @@ class MemorizationMonitor:
         """What the onset signal measures, e.g. ``memorization_ratio[pixel-8x8]``."""
         if self._ref is None:
             return "memorization_ratio"
-        p = self._ref.primary
-        kind = ("memorization_ratio" if p.metric == "l2" and not p.is_tiled
-                else "replication_rate" if p.metric == "cosine" else "extraction_fraction")
-        return f"{kind}[{p.name}]"
+        return self._ref.primary.signal_name
 
     def _settings(self) -> dict:
         return {
@@ -422,7 +286,7 @@ class MemorizationMonitor:
         self._num_evaluations = int(state.get("num_evaluations", len(self.history)))
         self._copies = {tid: {int(s): int(n) for s, n in by.items()} for tid, by in (state.get("copies") or {}).items()}
         self._metrics = {k: float(v) for k, v in (state.get("metrics") or {}).items()}
-        self._onset_step = self._detect()
+        self._onset_step = onset_of(self.rule, self.history)
         saved_onset = state.get("onset_step")
         if saved_onset is not None and self._onset_step is None:
             self._onset_step = int(saved_onset)  # confirmed under the rule in force then
@@ -449,11 +313,9 @@ class MemorizationMonitor:
         watch`` uses this for each new checkpoint folder). Returns :attr:`stopped`."""
         import time
 
-        import numpy as np
         import torch
 
-        from .audit import evaluate_samples
-        from .results import CheckpointResult
+        from .reference import LossSettings, evaluate_checkpoint
 
         step = int(step)
         if step in self._steps:
@@ -472,41 +334,39 @@ class MemorizationMonitor:
         modes = _train_modes(model_or_pipeline)
         home = _model_device(net)
         target = torch.device(self.device) if self.device is not None else home
-        cr = CheckpointResult(step=step, path=path or f"step-{step}", num_samples=0)
+        num_t = getattr(getattr(sched, "config", None), "num_train_timesteps", None)
+        if num_t is not None and any(t >= int(num_t) for t in self.loss_timesteps):
+            raise ValueError(f"MemorizationMonitor: loss_timesteps={list(self.loss_timesteps)} must be < the "
+                             f"scheduler's num_train_timesteps={num_t}")
+        loss = LossSettings(timesteps=self.loss_timesteps, noise_draws=self.loss_noise_draws,
+                            max_images=self.loss_max_images, seed=self.seed, batch_size=self.batch_size)
+
+        def sample():
+            smp = self._sampler
+            smp.scheduler = sched
+            smp.device = target
+            return smp.sample(model_or_pipeline)
+
         rng_devices = [target.index or 0] if target.type == "cuda" else []
-        copied: list[str] = []
         try:
             with torch.random.fork_rng(devices=rng_devices), torch.no_grad():
-                if sampled:
-                    smp = self._sampler
-                    smp.scheduler = sched
-                    smp.device = target
-                    batch = smp.sample(model_or_pipeline)
-                    finite = np.asarray(batch.finite_mask, bool)
-                    idx = np.asarray(batch.indices)[finite]
-                    ev = evaluate_samples(ref, batch.images[finite], sample_indices=idx,
-                                          confidence=self.rule.confidence, gallery_size=self.gallery_size)
-                    cr.num_samples = int(finite.size)
-                    cr.num_nonfinite = int((~finite).sum())
-                    cr.metrics = ev.metrics
-                    cr.onset_signal = ev.signal
-                    copied = ev.copied_train_ids
-                    if cr.num_nonfinite:
-                        _log.warning("step %d: %d of %d samples contain NaN/inf (left out)", step, cr.num_nonfinite,
-                                     cr.num_samples)
-                self._loss(net, sched, cr, target)
+                ev = evaluate_checkpoint(ref, step, path or f"step-{step}", sample=sample if sampled else None,
+                                         model=lambda: net, scheduler=sched, loss=loss,
+                                         confidence=self.rule.confidence, gallery_size=self.gallery_size,
+                                         device=target)
         finally:
             if home is not None and target != home and isinstance(net, torch.nn.Module):
                 net.to(home)
             for mod, was_training in modes:
                 mod.training = was_training
-        for tid in copied:
+        cr = ev.result
+        for tid in ev.copied_train_ids:
             by = self._copies.setdefault(tid, {})
             by[step] = by.get(step, 0) + 1
         self.history.append(cr)
         self._steps.add(step)
         self._num_evaluations += 1
-        self._onset_step = self._detect()
+        self._onset_step = onset_of(self.rule, self.history)
         newly = self._onset_step is not None and not self.stopped
         self.stopped = self.stopped or self._onset_step is not None
         scalars = self._scalars(cr)
@@ -520,41 +380,6 @@ class MemorizationMonitor:
             _log.warning("memorization onset confirmed at step %d (%s); %s", self._onset_step, self.signal_name,
                          f"keep step {rec.step}" if rec.step is not None else rec.reason)
         return self.stopped
-
-    def _loss(self, net, sched, cr, device) -> None:
-        from .audit import AuditConfig, loss_pass, set_loss_metrics
-
-        cfg = AuditConfig(seed=self.seed, loss_timesteps=list(self.loss_timesteps),
-                          loss_noise_draws=self.loss_noise_draws, loss_max_images=self.loss_max_images,
-                          batch_size=self.batch_size)
-        num_t = getattr(getattr(sched, "config", None), "num_train_timesteps", None)
-        if num_t is not None and any(t >= int(num_t) for t in self.loss_timesteps):
-            raise ValueError(f"MemorizationMonitor: loss_timesteps={list(self.loss_timesteps)} must be < the "
-                             f"scheduler's num_train_timesteps={num_t}")
-        try:
-            lp = loss_pass(net, sched, self._loss_data(), cfg, device=device)
-        except FloatingPointError as e:  # NaN/inf model outputs: no loss this evaluation; sampling still counts
-            _log.warning("step %s: denoising loss not computed (%s)", cr.step, e)
-            return
-        if lp is not None:
-            set_loss_metrics(cr, lp[1], lp[2])
-
-    def _loss_data(self):
-        """The training / held-out images the loss pass scores: a fixed subset (``loss_max_images``), decoded once
-        and kept in memory when small enough."""
-        if self._loss_ref is None:
-            from types import SimpleNamespace
-
-            ref = self.reference
-            self._loss_ref = SimpleNamespace(
-                train=_loss_subset(ref.train, self.loss_max_images, self.seed),
-                heldout=_loss_subset(ref.heldout, self.loss_max_images, self.seed + 1) if ref.heldout is not None else None,
-            )
-        return self._loss_ref
-
-    def _detect(self) -> Optional[int]:
-        sampled = [c for c in self.history if c.onset_signal is not None]
-        return self.rule.detect([c.step for c in sampled], [c.onset_signal.low for c in sampled])
 
     def _scalars(self, cr) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -614,34 +439,25 @@ class MemorizationMonitor:
     def to_result(self, run: str = ""):
         """The history as an :class:`diffaudit.results.AuditResult` (report, JSON) -- what ``diffaudit watch``
         writes at the end."""
-        import datetime as _dt
-
         from . import __version__
-        from .audit import _risk_table, _signal_label, _verdict
-        from .results import AuditResult, OnsetInfo, Provenance
+        from .reference import provenance, risk_table
+        from .results import AuditResult
 
         ref = self.reference
-        rec = self.recommendation
-        onset = OnsetInfo(signal=self.signal_name, threshold=self.rule.threshold, patience=self.rule.patience,
-                          confidence=self.rule.confidence, onset_step=self._onset_step, recommended_step=rec.step,
-                          recommended_reason=rec.reason)
-        prov = Provenance(
-            diffaudit_version=__version__,
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            run=str(run), train=str(getattr(ref.train, "source", "")), train_fingerprint=ref.train.fingerprint(),
-            heldout=str(getattr(ref.heldout, "source", "")) if ref.heldout is not None else "",
-            heldout_fingerprint=ref.heldout.fingerprint() if ref.heldout is not None else "",
-            embedders=[r.embedder.describe() for r in ref.refs], seed=self.seed, num_samples=self.num_samples,
+        p = ref.primary
+        onset = onset_info(self.rule, self.history, copy_rule=p.rule.name, signal_metric=p.rule.signal,
+                           signal_embedder=p.name, onset_step=self._onset_step, decided=True)
+        prov = provenance(
+            ref, version=__version__, run=str(run), seed=self.seed, num_samples=self.num_samples,
             sampler={"sampler": self.sampler_name, "num_inference_steps": self.num_inference_steps,
                      "batch_size": self.batch_size},
             extra={"source": "MemorizationMonitor", "every_n_steps": self.every_n_steps,
-                   "sample_every": self.sample_every,
-                   "onset_rule": "CI lower bound > threshold at `patience` consecutive sampled evaluations"},
-        )
+                   "sample_every": self.sample_every, "onset_rule": ONSET_RULE_TEXT})
         cps = list(self.history)
-        result = AuditResult(checkpoints=cps, onset=onset, images=_risk_table(ref, self._copies, {}),
-                             skipped=list(ref.skipped), provenance=prov)
-        result.verdict = _verdict(cps, onset, _signal_label(ref.primary))
+        copies = [(s, [tid] * n) for tid, by in self._copies.items() for s, n in by.items()]
+        result = AuditResult(checkpoints=cps, onset=onset, images=risk_table(ref, copies), skipped=list(ref.skipped),
+                             provenance=prov)
+        result.verdict = verdict(cps, onset).text
         return result
 
     # -- TensorBoard ----------------------------------------------------------------------------------------------
@@ -720,27 +536,3 @@ def _model_device(net):
         for b in net.buffers():
             return b.device
     return torch.device("cpu")
-
-
-def _loss_subset(images, n_max: int, seed: int):
-    """A fixed subset of ``images`` for the loss pass, decoded once into memory when it fits the byte budget."""
-    import numpy as np
-
-    from .data import ImageSet
-
-    n = len(images)
-    rng = np.random.default_rng(seed)
-    pos = np.sort(rng.permutation(n)[:n_max]) if n > n_max else np.arange(n)
-    sub = images.subset([int(p) for p in pos])
-    ids, arrs = [], []
-    total = 0
-    for bids, batch in sub.iter_batches(256):
-        for i, a in zip(bids, batch):
-            total += a.nbytes
-            if total > _LOSS_CACHE_BYTES:
-                return sub
-            ids.append(i)
-            arrs.append(a)
-    if not arrs or len({a.shape for a in arrs}) != 1:
-        return sub
-    return ImageSet.from_arrays(np.stack(arrs), ids=ids)

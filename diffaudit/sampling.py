@@ -344,7 +344,7 @@ class CheckpointSampler:
 
         if self.device is not None:
             return torch.device(self.device)
-        from .embedders.base import default_device
+        from ._util import default_device
 
         return torch.device(default_device())
 

@@ -16,7 +16,6 @@ import datetime as _dt
 import json
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,6 @@ log = logging.getLogger(__name__)
 
 STOP_FILE = "STOP"
 STATE_FILE = "watch_state.json"
-_CKPT_RE = re.compile(r"^checkpoint[-_](\d+)$")
 _MAX_LOAD_FAILURES = 3
 
 
@@ -54,7 +52,7 @@ def _newest_mtime(folder: Path) -> float:
 
 def complete_checkpoints(run_dir, settle: float = 2.0, now: Optional[float] = None) -> list[tuple[int, Path]]:
     """``(step, folder)`` of the complete ``checkpoint-N`` folders in ``run_dir``, by step."""
-    from .checkpoints import unet_weight_files
+    from .checkpoints import CHECKPOINT_DIR_RE, unet_weight_files
 
     run_dir = Path(run_dir)
     now = time.time() if now is None else now
@@ -64,7 +62,7 @@ def complete_checkpoints(run_dir, settle: float = 2.0, now: Optional[float] = No
     except FileNotFoundError:
         return []
     for d in entries:
-        m = _CKPT_RE.match(d.name)
+        m = CHECKPOINT_DIR_RE.match(d.name)
         if not m or not d.is_dir():
             continue
         try:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffaudit.loo import FoldManifest, LooResult, loo_scores, render_loo, train_fold_runs
+from diffaudit.loo import FoldManifest, LooResult, loo_scores, train_fold_runs
+from diffaudit.report.loo import render_loo
 from diffaudit.membership import noise_index
 from diffaudit.metrics import denoising_losses
 from diffaudit.testing import OptimalDenoiser, _ClosedFormDenoiser, to_model_space

@@ -142,3 +142,24 @@ def test_json_roundtrip_and_csv(tmp_path, sched):
     scores = [float(r[2]) for r in rows[1:]]
     assert scores == sorted(scores, reverse=True)
     assert "'=HYPERLINK(\"x\")" in [r[0] for r in rows]  # formula-like ids are neutralised
+
+
+def test_audit_membership_auc_equals_membership_scores(sched, tmp_path):
+    """One noise contract: the audit's per-checkpoint membership AUC, train and held-out losses and per-image
+    membership scores are exactly those of membership_scores on the same model, images and settings."""
+    from diffaudit.audit import audit
+    from diffaudit.data import ImageSet
+
+    train, held = _digits(24, 20, seed=3)
+    t_set = ImageSet.from_arrays(train, ids=[f"t{i:03d}.png" for i in range(len(train))])
+    h_set = ImageSet.from_arrays(held, ids=[f"h{i:03d}.png" for i in range(len(held))])
+    model = OptimalDenoiser(train, sched)
+    res = audit(checkpoints=[(10, model)], scheduler=sched, train=t_set, heldout=h_set, num_samples=4,
+                num_inference_steps=2, loss_noise_draws=2, loss_timesteps=[100], cache_dir=str(tmp_path))
+    ref = membership_scores(model, t_set, h_set, scheduler=sched, noise_draws=2, timesteps=(100,), seed=0)
+    ck = res.checkpoints[0]
+    assert ck.membership_auc == pytest.approx(ref.auc, abs=1e-12)
+    assert ck.loss_train == pytest.approx(ref.checkpoints[0].loss_train, rel=1e-12)
+    assert ck.loss_heldout == pytest.approx(ref.checkpoints[0].loss_heldout, rel=1e-12)
+    got = {r.id: r.membership_score for r in res.images}
+    assert got == pytest.approx(ref.scores, abs=1e-12)

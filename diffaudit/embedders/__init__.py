@@ -11,20 +11,27 @@ Specs understood by :func:`get_embedder`:
                        ``"sscd:square"``: square resize)
 =====================  =====================================================================================
 
-Keyword arguments are passed to the embedder's constructor. :func:`register_embedder` adds a prefix.
+Keyword arguments are passed to the embedder's constructor. :func:`register_embedder` adds a prefix
+(:mod:`diffaudit.embedders.registry`).
+
+:func:`embed` (ImageSet -> Embeddings) is the one owner of the embedding cache: backends only produce
+``(rows, vectors)`` batches -- this process, or Ray actors (:func:`diffaudit.distributed.ray_batches`) -- and
+``embed`` writes them to the result and to the cache.
 """
 from __future__ import annotations
 
 import logging
-from typing import Callable
 
 import numpy as np
 
+from ..results import Skipped
 from .base import Embedder, Embeddings, Metric, default_device
+from .registry import get_embedder, register_embedder, registered_embedders
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "CACHE_FLUSH_EVERY",
     "Embedder",
     "Embeddings",
     "Metric",
@@ -39,101 +46,6 @@ __all__ = [
     "SSCDEmbedder",
     "tiled_l2",
 ]
-
-#: images embedded between two cache writes (a killed run keeps everything up to the last write)
-CACHE_FLUSH_EVERY = 2048
-
-Factory = Callable[..., Embedder]
-_REGISTRY: dict[str, Factory] = {}
-
-
-def register_embedder(prefix: str, factory: Factory, *, overwrite: bool = False) -> None:
-    """Register ``factory(arg, **kw) -> Embedder`` for specs ``"prefix"`` (arg None) and ``"prefix:arg"``."""
-    if not isinstance(prefix, str) or not prefix or ":" in prefix:
-        raise ValueError(f"prefix={prefix!r}: expected a non-empty string without ':'")
-    if not callable(factory):
-        raise TypeError(f"factory={factory!r}: expected a callable factory(arg, **kw) -> Embedder")
-    key = prefix.lower()
-    if key in _REGISTRY and not overwrite:
-        raise ValueError(f"prefix={prefix!r}: already registered (pass overwrite=True to replace it)")
-    _REGISTRY[key] = factory
-
-
-def registered_embedders() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def get_embedder(spec: str | Embedder = "pixel", **kw) -> Embedder:
-    """An :class:`Embedder` from a spec string (see module docstring) or an Embedder instance (returned as is)."""
-    if isinstance(spec, Embedder):
-        if kw:
-            raise ValueError(f"get_embedder: keyword arguments {sorted(kw)} given with an Embedder instance {spec!r}")
-        return spec
-    if not isinstance(spec, str) or not spec.strip():
-        raise TypeError(
-            f"embedder={spec!r}: expected a spec string ({', '.join(registered_embedders())}) or an Embedder instance"
-        )
-    prefix, _, arg = spec.strip().partition(":")
-    factory = _REGISTRY.get(prefix.lower())
-    if factory is None:
-        raise ValueError(
-            f"embedder={spec!r}: unknown embedder; known prefixes: {', '.join(registered_embedders())} "
-            "(e.g. 'pixel', 'pixel:32', 'tiled', 'clip:ViT-B-32', 'sscd')"
-        )
-    return factory(arg or None, **kw)
-
-
-# -- built-in factories (lazy imports keep `import diffaudit.embedders` cheap) ---------------------------------------
-def _pixel(arg, **kw):
-    from .pixel import PixelEmbedder
-
-    if arg is not None:
-        if "size" in kw:
-            raise ValueError(f"pixel:{arg} and size={kw['size']!r}: give the size once")
-        kw["size"] = arg
-    return PixelEmbedder(**kw)
-
-
-def _tiled(arg, **kw):
-    from .tiled import TiledEmbedder
-
-    if arg is not None:
-        if "grid" in kw:
-            raise ValueError(f"tiled:{arg} and grid={kw['grid']!r}: give the grid once")
-        try:
-            kw["grid"] = int(arg)
-        except ValueError:
-            raise ValueError(f"embedder='tiled:{arg}': expected 'tiled:<grid>' with an int grid, e.g. 'tiled:4'") from None
-    return TiledEmbedder(**kw)
-
-
-def _clip(arg, **kw):
-    from .clip import CLIPEmbedder
-
-    if arg is None:
-        arg = kw.pop("arch", None)
-    if not arg:
-        raise ValueError("embedder='clip': name the open_clip architecture, e.g. 'clip:ViT-B-32' (with weights=<file>)")
-    return CLIPEmbedder(arg, **kw)
-
-
-def _sscd(arg, **kw):
-    from .sscd import SSCDEmbedder
-
-    if arg is not None:
-        if arg.isdigit():
-            kw.setdefault("size", int(arg))
-        elif arg in ("small_edge", "square"):
-            kw.setdefault("resize", arg)
-        else:
-            raise ValueError(f"embedder='sscd:{arg}': expected 'sscd', 'sscd:<size>' or 'sscd:square'")
-    return SSCDEmbedder(**kw)
-
-
-register_embedder("pixel", _pixel)
-register_embedder("tiled", _tiled)
-register_embedder("clip", _clip)
-register_embedder("sscd", _sscd)
 
 
 def __getattr__(name: str):  # lazy re-exports of the concrete classes
@@ -156,7 +68,10 @@ def __getattr__(name: str):  # lazy re-exports of the concrete classes
     raise AttributeError(f"module 'diffaudit.embedders' has no attribute {name!r}")
 
 
-# -- embed ------------------------------------------------------------------------------------------------------------
+#: images embedded between two cache writes (a killed run keeps everything up to the last write)
+CACHE_FLUSH_EVERY = 2048
+
+
 def embed(
     images,
     embedder: str | Embedder = "pixel",
@@ -239,16 +154,17 @@ def embed(
     missing = np.flatnonzero(~done)
     if len(missing) and store is not None and hasattr(store, "check_writable"):
         store.check_writable(name)  # an unwritable cache fails now, with its path, not after the first shard's work
-    if len(missing) and backend == "ray":
-        from ..distributed import embed_missing_ray
+    if len(missing):
+        if backend == "ray":
+            from ..distributed import ray_batches
 
-        out = embed_missing_ray(images, emb, embedder, ids, missing, out, done, store, keys, name, bs, progress,
-                                backend_options, flush_every=CACHE_FLUSH_EVERY)
-    elif len(missing):
-        out = _embed_missing(images, emb, ids, missing, out, done, store, keys, name, bs, progress)
+            batches = ray_batches(images, emb, embedder, missing, bs, progress, backend_options)
+        else:
+            batches = _local_batches(images, emb, ids, missing, bs)
+        out = _fill(batches, out, done, store, keys, name, len(ids), len(missing), progress and backend == "local")
 
     keep = np.flatnonzero(done)
-    skipped = _skipped_pairs(images)
+    skipped = Skipped.unique(getattr(images, "skipped", []), "")
     if out is None:  # nothing could be embedded (every image failed to decode)
         out = np.zeros((n, getattr(emb, "dim", None) or 0), np.float32)
     vectors = out if len(keep) == n else out[keep]
@@ -282,19 +198,22 @@ def _overflows(vecs: np.ndarray, dt) -> bool:
     return bool(np.isinf(low).any() and np.any(np.isinf(low) & np.isfinite(vecs)))
 
 
-def _skipped_pairs(images) -> list[tuple[str, str]]:
-    seen: set[str] = set()
-    pairs = []
-    for s in getattr(images, "skipped", []) or []:
-        sid, reason = (s.id, s.reason) if hasattr(s, "id") else (s[0], s[1])
-        if sid not in seen:
-            seen.add(sid)
-            pairs.append((str(sid), str(reason)))
-    return pairs
-
-
-def _embed_missing(images, emb, ids, missing, out, done, store, keys, name, bs, progress):
+def _local_batches(images, emb, ids, missing, bs):
+    """``(rows, vectors)`` of the ``missing`` positions, embedded in this process in batches of ``bs`` (decode
+    failures are left out: the ImageSet records them)."""
     index_of = {s: i for i, s in enumerate(ids)}
+    for batch_ids, arrays in images.iter_batches(bs, indices=[int(i) for i in missing]):
+        rows = [index_of[b] for b in batch_ids]
+        if rows:
+            vecs = np.asarray(emb.embed_batch(arrays), dtype=np.float32)
+            if vecs.ndim != 2 or vecs.shape[0] != len(rows):
+                raise RuntimeError(f"{emb.name}: embed_batch returned shape {vecs.shape} for {len(rows)} images")
+            yield rows, vecs
+
+
+def _fill(batches, out, done, store, keys, name, n, total, progress):
+    """Write the ``(rows, vectors)`` batches of a backend into ``out`` / ``done``, and into the cache ``store``
+    every :data:`CACHE_FLUSH_EVERY` images, at the end, and when interrupted (a killed run keeps its work)."""
     pend_rows: list[int] = []
 
     def flush() -> None:
@@ -309,43 +228,31 @@ def _embed_missing(images, emb, ids, missing, out, done, store, keys, name, bs, 
     if progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        bar = Progress(
-            TextColumn("[bold]embedding[/] {task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            transient=False,
-        )
+        bar = Progress(TextColumn("[bold]embedding[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeRemainingColumn(), transient=False)
         bar.start()
-        task = bar.add_task(name, total=len(missing))
+        task = bar.add_task(name, total=total)
     try:
         n_seen = 0
-        for batch_ids, arrays in images.iter_batches(bs, indices=[int(i) for i in missing]):
-            rows = [index_of[b] for b in batch_ids]
-            if rows:
-                vecs = np.asarray(emb.embed_batch(arrays), dtype=np.float32)
-                if vecs.ndim != 2 or vecs.shape[0] != len(rows):
-                    raise RuntimeError(
-                        f"{name}: embed_batch returned shape {vecs.shape} for {len(rows)} images"
-                    )
-                if store is not None:
-                    vecs = _at_cache_precision(vecs, store)
-                if out is None:
-                    out = np.zeros((len(ids), vecs.shape[1]), np.float32)
-                elif out.shape[1] != vecs.shape[1]:
-                    raise RuntimeError(
-                        f"{name}: the cache holds vectors of dim {out.shape[1]} but the embedder returns dim "
-                        f"{vecs.shape[1]}; two different models share the name {name!r}. Clear "
-                        f"{getattr(store, 'root', 'the cache')} or pass cache=False"
-                    )
-                out[rows] = vecs
-                done[rows] = True
-                pend_rows.extend(rows)
-                if len(pend_rows) >= CACHE_FLUSH_EVERY:
-                    flush()
+        for rows, vecs in batches:
+            if store is not None:
+                vecs = _at_cache_precision(vecs, store)
+            if out is None:
+                out = np.zeros((n, vecs.shape[1]), np.float32)
+            elif out.shape[1] != vecs.shape[1]:
+                raise RuntimeError(
+                    f"{name}: the cache holds vectors of dim {out.shape[1]} but the embedder returns dim "
+                    f"{vecs.shape[1]}; two different models share the name {name!r}. Clear "
+                    f"{getattr(store, 'root', 'the cache')} or pass cache=False"
+                )
+            out[rows] = vecs
+            done[rows] = True
+            pend_rows.extend(rows)
+            if len(pend_rows) >= CACHE_FLUSH_EVERY:
+                flush()
             if bar is not None:
                 n_seen += len(rows)  # decode failures are not counted; the bar is completed at the end
-                bar.update(task, completed=min(n_seen, len(missing)))
+                bar.update(task, completed=min(n_seen, total))
         flush()
     except BaseException:
         try:  # interrupted (Ctrl-C, an error in a later batch): keep the vectors already computed
@@ -355,6 +262,6 @@ def _embed_missing(images, emb, ids, missing, out, done, store, keys, name, bs, 
         raise
     finally:
         if bar is not None:
-            bar.update(task, completed=len(missing))
+            bar.update(task, completed=total)
             bar.stop()
     return out

@@ -13,19 +13,15 @@ from typing import Literal, Sequence
 
 import numpy as np
 
+from .._util import default_device
+
+__all__ = ["Embedder", "Embeddings", "Metric", "default_device"]
+
 log = logging.getLogger(__name__)
 
 Metric = Literal["l2", "cosine"]
 
 
-def default_device() -> str:
-    """CUDA when available, else CPU (DESIGN.md conventions)."""
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except Exception:  # pragma: no cover - torch is a core dependency
-        return "cpu"
 
 
 @dataclass
@@ -33,14 +29,14 @@ class Embeddings:
     """Vectors for the images of one ImageSet under one embedder.
 
     ``ids[i]`` is the ImageSet id of row ``i`` of ``vectors``. Images that failed to decode are absent from ``ids``
-    and listed in ``skipped`` as ``(id, reason)``. ``vectors`` is float32 (possibly a read-only memmap).
+    and listed in ``skipped`` (:class:`~diffaudit.results.Skipped`, which unpacks as ``(id, reason)``). ``vectors`` is float32 (possibly a read-only memmap).
     """
 
     ids: list[str]
     vectors: np.ndarray
     embedder: str
     metric: Metric
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.vectors.ndim != 2 or self.vectors.shape[0] != len(self.ids):
@@ -67,6 +63,31 @@ class Embedder(ABC):
     default_threshold: float | None = None
     #: images per forward pass
     batch_size: int = 64
+    #: the family, for messages and for the searches that depend on the vector layout ("pixel", "tiled", ...)
+    kind: str = "custom"
+    #: the embedder's own duplicate threshold (score units) for ``find_duplicates``; None: the set-calibrated rule
+    duplicate_threshold: float | None = None
+    #: where ``duplicate_threshold`` comes from (shown in the duplicate report's rule)
+    duplicate_threshold_source: str = ""
+    #: True when scores are not the index's plain metric but :meth:`distance` (e.g. Carlini's tiled L2): searches
+    #: take plain-L2 candidates from the index and re-score them with :meth:`distance`
+    rescores: bool = False
+
+    @property
+    def family(self) -> str:
+        """The embedder family: ``kind`` when the class sets it, else the first word of ``name`` (the cache-key
+        convention ``<family>-<details>``, e.g. ``sscd-torchscript-<sha8>-288``)."""
+        return self.kind if self.kind != "custom" else str(self.name).split("-", 1)[0].split(":", 1)[0]
+
+    @property
+    def copy_rule(self) -> str:
+        """What counts as a copy under this embedder: the name of a :class:`diffaudit.metrics.rules.CopyRule`.
+        Default: Gu et al.'s ratio for L2 vectors, Somepalli et al.'s replication for cosine descriptors."""
+        return "gu_ratio" if self.metric == "l2" else "replication"
+
+    def distance(self, a, b, *, pairwise: bool = True) -> np.ndarray:
+        """The embedder's own distance (only for ``rescores = True`` embedders)."""
+        raise NotImplementedError(f"{type(self).__name__} scores with the index's {self.metric} metric")
 
     @abstractmethod
     def embed_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:

@@ -37,7 +37,8 @@ from .pixel import (
     shortest_edge_size,
     uint8_nchw,
 )
-from .sscd import check_weights_file, file_sha256
+from .._util import file_sha256
+from .sscd import check_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -56,28 +57,17 @@ def _import_open_clip():
     return open_clip
 
 
-def load_state_dict_file(path) -> dict:
-    """Tensors of a checkpoint file: safetensors or ``torch.load(weights_only=True)``; unwraps "state_dict"."""
-    import torch
+def _state_dict(path) -> dict:
+    """Tensors of a checkpoint file (:func:`diffaudit.checkpoints.load_state_dict_file`: safetensors, or a
+    tensor-only pickle); unwraps "state_dict" / "model" and a DataParallel "module." prefix."""
+    from ..checkpoints import CheckpointError, load_state_dict_file
 
     path = str(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        sd = load_file(path, device="cpu")
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(
-                f"weights={path!r}: cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {e}); "
-                "expected a state dict (.pt/.pth/.bin) or a .safetensors file"
-            ) from None
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-            break
-    if not isinstance(sd, dict) or not sd:
+    try:
+        sd = load_state_dict_file(path, unwrap=("state_dict", "model", "model_state_dict"))
+    except CheckpointError as e:
+        raise ValueError(f"weights={path!r}: {e}; expected a state dict (.pt/.pth/.bin) or a .safetensors file") from None
+    if not sd:
         raise ValueError(f"weights={path!r}: no state dict found (got {type(sd).__name__})")
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module.") :]: v for k, v in sd.items()}
@@ -140,6 +130,7 @@ class CLIPEmbedder(Embedder):
 
     metric = "cosine"
     default_threshold = 0.95
+    kind = "clip"
 
     def __init__(
         self,
@@ -193,7 +184,7 @@ class CLIPEmbedder(Embedder):
                 )
             finally:
                 logging.getLogger().removeFilter(quiet)
-            _load_into(model, load_state_dict_file(self.weights), str(self.weights))
+            _load_into(model, _state_dict(self.weights), str(self.weights))
         else:
             self.sha256 = None
             try:

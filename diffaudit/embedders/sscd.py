@@ -25,7 +25,6 @@ Descriptors are L2-normalised; the score is cosine similarity. Default threshold
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import warnings
@@ -34,7 +33,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import Embedder, default_device
+from .._util import default_device, file_sha256
+from .base import Embedder
 from .pixel import as_rgb_uint8, group_by_shape, normalize_uint8, resize_uint8, shortest_edge_size, uint8_nchw
 
 log = logging.getLogger(__name__)
@@ -48,15 +48,6 @@ SSCD_WEIGHTS_HELP = (
     'weights="path/to/sscd_disc_mixup.torchscript.pt"); an ONNX export of it also works (needs '
     'pip install "diffaudit[onnx]")'
 )
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_weights_file(weights, arg: str, help_text: str) -> Path:
@@ -95,6 +86,7 @@ class SSCDEmbedder(Embedder):
 
     metric = "cosine"
     default_threshold = 0.5
+    kind = "sscd"
 
     def __init__(
         self,

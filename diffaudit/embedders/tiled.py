@@ -98,6 +98,8 @@ class TiledEmbedder(PixelEmbedder):
     metric = "l2"
     default_threshold = None
     kind = "tiled"
+    copy_rule = "extraction"  # Carlini et al.'s calibrated ratio (diffaudit.metrics.rules)
+    rescores = True  # the index finds plain-L2 candidates; distance() (tiled L2) scores them
 
     def __init__(
         self, grid: int = 4, size=None, *, max_native: int = 128, batch_size: int = 256, device: str | None = None

@@ -1,6 +1,6 @@
 """Metrics: pure functions on numpy arrays (and a torch model for the denoising loss), one file per family.
 
-See DESIGN.md for sources. Fractions come as :class:`diffaudit.results.Estimate` with a Wilson CI; other
+Each function cites its source. Fractions come as :class:`diffaudit.results.Estimate` with a Wilson CI; other
 statistics use the percentile bootstrap (:mod:`diffaudit.metrics.stats`).
 """
 from __future__ import annotations
@@ -32,7 +32,8 @@ from .memorization import (
     nn_ratio_from_knn,
 )
 from .per_image import CopyCount, copies_per_image, outlier_labels, outlier_scores
-from .replication import SOMEPALLI_THRESHOLD, replication_rate, top1_summary, train_baseline_top1
+from .rules import RULES, CopyRule, copy_rule
+from .replication import SOMEPALLI_THRESHOLD, replication_rate, top1_summary
 from .stats import bootstrap_ci, proportion_estimate, wilson_interval
 
 __all__ = [
@@ -42,6 +43,9 @@ __all__ = [
     "GU_THRESHOLD",
     "SOMEPALLI_THRESHOLD",
     "CopyCount",
+    "CopyRule",
+    "RULES",
+    "copy_rule",
     "assign_cells",
     "authenticity",
     "bootstrap_ci",
@@ -67,7 +71,6 @@ __all__ = [
     "replication_rate",
     "sample_knn_mean",
     "top1_summary",
-    "train_baseline_top1",
     "train_knn_mean",
     "wilson_interval",
 ]

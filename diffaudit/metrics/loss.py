@@ -2,8 +2,9 @@
 
 The loss of image i is the mean squared error of the model's prediction (epsilon, v or x0, following
 ``scheduler.config.prediction_type``) averaged over the given timesteps and ``noise_draws`` noise draws. The noise
-of image i depends only on ``(seed, index of i)``, so the same image gets the same noise at every checkpoint, train
-and held-out images are treated alike, and results do not depend on the batch size. Carlini et al. 2023 found
+of image i depends only on ``(seed, index of i)``; diffaudit's engines pass ``index = noise_index(id)``, so the same
+image gets the same noise at every checkpoint and in any subset, train and held-out images are treated alike, and
+results do not depend on the batch size. Carlini et al. 2023 found
 timesteps around t = 100 (of 1000) the most informative for membership inference; the default is ``(100,)``.
 """
 from __future__ import annotations
@@ -16,6 +17,16 @@ import numpy as np
 from .stats import as_1d
 
 logger = logging.getLogger(__name__)
+
+
+def noise_index(image_id: str) -> int:
+    """A stable non-negative integer (< 2**56) for an image id: the per-image noise index of every loss pass
+    (audit, monitor, membership, leave-one-out). The same id gets the same noise in every run, at every checkpoint
+    and in any subset of the images."""
+    import hashlib
+
+    digest = hashlib.sha256(str(image_id).encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:7], "big")
 
 
 def _image_noise(seed: int, index: int, count: int, shape: tuple[int, ...]):

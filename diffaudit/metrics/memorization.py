@@ -2,7 +2,7 @@
 
 A generated sample is *memorized* when its distance to the nearest training image is less than 1/3 of its distance
 to the second nearest one, ``d1 / d2 < 1/3``, in pixel L2 (reference code: sail-sg/DiffMemorize ``mem_ratio.py``,
-``(knn_distance[:, 0] / knn_distance[:, 1]) < 1/3``; DESIGN.md also reports the looser ``< 1/2``).
+``(knn_distance[:, 0] / knn_distance[:, 1]) < 1/3``; diffaudit also reports the looser ``< 1/2``).
 
 Edge cases and the known limitation (duplicates)
 ------------------------------------------------

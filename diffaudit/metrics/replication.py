@@ -3,14 +3,14 @@
 A generated sample *replicates* a training image when its top-1 SSCD cosine similarity to the training set exceeds
 0.5 (the paper's threshold; SSCD's own paper reports cosine > 0.75 at about 90% precision for copy detection).
 Reported with the mean and the "close tail" of the top-1 score, beside the train-vs-train baseline (each training
-image's first non-self neighbour, see :func:`train_baseline_top1`).
+image's first non-self neighbour, :func:`diffaudit.index.self_neighbors`).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..results import Estimate
-from ._knn import check_metric, knn
+from ._knn import check_metric
 from .stats import as_1d, proportion_estimate
 
 SOMEPALLI_THRESHOLD = 0.5
@@ -37,14 +37,3 @@ def top1_summary(scores, metric: str = "cosine") -> tuple[float, float]:
     check_metric(metric)
     q = 95.0 if metric == "cosine" else 5.0
     return float(s.mean()), float(np.percentile(s, q))
-
-
-def train_baseline_top1(train_vectors, metric: str = "cosine") -> np.ndarray:
-    """Top-1 score of each training image to the *rest* of the training set (first non-self neighbour).
-
-    Same units as the samples' top-1 scores: cosine similarity for ``"cosine"``, Euclidean distance for ``"l2"``.
-    Exact duplicates count as neighbours (a duplicated image has baseline similarity 1 / distance 0).
-    """
-    d, _ = knn(train_vectors, train_vectors, 1, metric=check_metric(metric), exclude_self=True,
-               queries_name="train_vectors", base_name="train_vectors")
-    return 1.0 - d[:, 0] if metric == "cosine" else d[:, 0]

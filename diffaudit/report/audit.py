@@ -15,29 +15,30 @@ outside it, never over :data:`MAX_PIXELS`); training images it cannot give are s
 from __future__ import annotations
 
 import base64
-import csv
 import hashlib
 import io
 import json
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from markupsafe import Markup
 
+from .._format import finite, fmt_num, fmt_pct, fmt_short_step, fmt_step
 from .._serial import atomic_write_text
+from ..onset import signal_estimate, verdict
 from ..results import AuditResult, CheckpointResult, Estimate, ImageRisk
-from ._html import CSP, esc
+from ._html import CSP, TEMPLATES, esc, page_env
+
+_f = finite
 
 log = logging.getLogger(__name__)
 
 ImageProvider = Callable[[str, str], Optional[np.ndarray]]
 
-TEMPLATES = Path(__file__).with_name("templates")
 MAX_PIXELS = 89_478_485  # PIL's decompression-bomb limit; larger sample files are not thumbnailed
 
 # Okabe & Ito (2008) colour-blind safe palette. Vermillion and bluish green are reserved for onset / keep markers.
@@ -53,7 +54,6 @@ ESTIMATE_METRICS = {
     "replication_rate": "replication rate",
     "extraction_fraction": "extraction rate",
 }
-_SIGNAL_RE = re.compile(r"^\s*([A-Za-z_]\w*)\s*(?:\[(.*)\])?\s*$", re.S)
 
 
 # ----------------------------------------------------------------------------------------------------------- public
@@ -78,7 +78,6 @@ def render_audit(result: AuditResult, path: str | Path, *, images: ImageProvider
     text = render_audit_html(result, images=images, title=title, base_dir=base_dir, thumb_px=thumb_px,
                              max_gallery=max_gallery, gallery_budget=gallery_budget, max_rows=max_rows)
     atomic_write_text(p, text)
-    _readable(p)
     log.info("wrote audit report %s (%.1f kB)", p, len(text.encode()) / 1e3)
     return str(p)
 
@@ -114,98 +113,7 @@ def render_audit_html(result: AuditResult, *, images: ImageProvider | None = Non
         csp=csp, css=Markup(css), js=Markup(js), thumb_px=int(thumb_px), **ctx)
 
 
-def write_risk_csv(images: Iterable[ImageRisk], path: str | Path) -> str:
-    """Write the per-training-image risk table to ``path`` as CSV (all rows, highest risk first); return the path.
-
-    Text cells that a spreadsheet would read as a formula (starting with ``= + - @``, tab or carriage return) get a
-    leading ``'`` (OWASP's CSV-injection advice); numbers are written as numbers.
-    """
-    rows = list(images)
-    for r in rows:
-        if not isinstance(r, ImageRisk):
-            raise TypeError(f"images: expected ImageRisk rows, got {type(r).__name__}")
-    rows = _sorted_risks(rows)
-    buf = io.StringIO()
-    w = csv.writer(buf)  # RFC 4180 "\r\n" rows: fields holding \r or \n get quoted
-    w.writerow(["id", "copies", "first_step_copied", "duplicates", "outlier_score", "label", "membership_score",
-                "loo_score", "copies_by_step"])
-    for r in rows:
-        by_step = " ".join(f"{k}:{v}" for k, v in r.copies_by_step.items())
-        w.writerow([_csv_text(r.id), _csv_num(r.copies), _csv_num(r.first_step_copied), _csv_num(r.duplicates),
-                    _csv_num(r.outlier_score), _csv_text(r.label), _csv_num(r.membership_score),
-                    _csv_num(r.loo_score), _csv_text(by_step)])
-    atomic_write_text(path, buf.getvalue())
-    _readable(Path(path))
-    return str(path)
-
-
-def _readable(p: Path) -> None:
-    """The temp file behind an atomic write is created 0600; a report is meant to be shared: make it 0644."""
-    import os
-
-    try:
-        os.chmod(p, 0o644)
-    except OSError:  # not ours to change (some filesystems): leave it
-        pass
-
-
 # ------------------------------------------------------------------------------------------------------ formatting
-
-
-def _f(x: Any) -> float | None:
-    """A finite float, or None (None, NaN, inf and non-numbers are all 'missing')."""
-    if x is None or isinstance(x, bool):
-        return None
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
-def fmt_pct(x: Any) -> str:
-    v = _f(x)
-    if v is None:
-        return "—"
-    p = v * 100
-    if p != 0 and abs(p) < 0.1:
-        return f"{p:.2g}%"
-    s = f"{p:.1f}"
-    return (s[:-2] if s.endswith(".0") else s) + "%"
-
-
-def fmt_num(x: Any) -> str:
-    v = _f(x)
-    if v is None:
-        return "—"
-    if v == int(v) and abs(v) < 1e6:
-        return f"{int(v):,}"
-    return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
-
-
-def fmt_step(x: Any) -> str:
-    v = _f(x)
-    return "—" if v is None else f"{int(v):,}"
-
-
-def _fmt_short_step(v: float) -> str:
-    a = abs(v)
-    for div, suf in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if a >= div:
-            s = f"{v / div:.3g}"
-            return s + suf
-    return f"{int(round(v))}"
-
-
-def _ci_sentence(e: Estimate) -> str:
-    lo, hi = _f(e.low), _f(e.high)
-    bits = []
-    if lo is not None and hi is not None:
-        conf = _f(e.confidence)
-        bits.append(f"{fmt_pct(conf) if conf else '95%'} CI {fmt_pct(lo)}–{fmt_pct(hi)}")
-    if e.n:
-        bits.append(f"n = {int(e.n):,}")
-    return f" ({', '.join(bits)})" if bits else ""
 
 
 def _jsonish(v: Any) -> str:
@@ -215,20 +123,6 @@ def _jsonish(v: Any) -> str:
         return json.dumps(v, ensure_ascii=False, default=str)
     except (TypeError, ValueError):
         return str(v)
-
-
-def _csv_text(s: Any) -> str:
-    s = "" if s is None else str(s)
-    return "'" + s if s[:1] in ("=", "+", "-", "@", "\t", "\r") else s
-
-
-def _csv_num(x: Any) -> str:
-    if x is None or isinstance(x, bool):
-        return ""
-    if isinstance(x, (int, np.integer)):
-        return str(int(x))
-    v = _f(x)
-    return "" if v is None else repr(v)
 
 
 # ------------------------------------------------------------------------------------------------------ thumbnails
@@ -494,7 +388,7 @@ def line_chart(series: Sequence[Series], *, steps: Sequence[float], title: str, 
     for t in xt:
         out.append(f'<line class="xtick" x1="{X(t)}" x2="{X(t)}" y1="{T + ph}" y2="{T + ph + 4}"/>')
         out.append(f'<text class="tick" x="{X(t)}" y="{T + ph + 16}" text-anchor="middle">'
-                   f"{esc(_fmt_short_step(t))}</text>")
+                   f"{esc(fmt_short_step(t))}</text>")
     out.append(f'<text class="axis-label" x="{L + pw}" y="{height - 3}" text-anchor="end">training step</text>')
     out.append(f'<line class="axis" x1="{L}" x2="{L + pw}" y1="{T + ph}" y2="{T + ph}"/>')
     # reference lines
@@ -563,110 +457,22 @@ def _segments(points: list, all_points: list) -> list[list]:
 # ------------------------------------------------------------------------------------------------- view model
 
 
-def _parse_signal(signal: str) -> tuple[str | None, str | None]:
-    m = _SIGNAL_RE.match(signal or "")
-    return (m.group(1), m.group(2)) if m else (None, None)
-
-
-def _est(ck: CheckpointResult, metric: str | None, embedder: str | None) -> tuple[Estimate | None, str | None]:
-    """The Estimate of ``metric`` at ``ck`` under ``embedder`` (or the first embedder that has it)."""
-    if not metric:
-        return None, None
-    if embedder is not None:
-        em = ck.metrics.get(embedder)
-        e = getattr(em, metric, None) if em is not None else None
-        return (e, embedder) if isinstance(e, Estimate) else (None, None)
-    for name, em in ck.metrics.items():
-        e = getattr(em, metric, None)
-        if isinstance(e, Estimate) and _f(e.value) is not None:
-            return e, name
-    return None, None
-
-
-def _amount(ck: CheckpointResult, signal: str) -> tuple[Estimate | None, str, str | None]:
-    """How much memorization at ``ck``: (estimate, metric name, embedder) by the onset signal, else the first of
-    memorization ratio / replication rate / extraction rate that the checkpoint has."""
-    metric, emb = _parse_signal(signal)
-    if metric in ESTIMATE_METRICS:
-        e, name = _est(ck, metric, emb)
-        if e is not None and _f(e.value) is not None:
-            return e, metric, name
-    if ck.onset_signal is not None and _f(ck.onset_signal.value) is not None:
-        return ck.onset_signal, metric or "signal", emb
-    for m in ("memorization_ratio", "replication_rate", "extraction_fraction"):
-        e, name = _est(ck, m, None)
-        if e is not None:
-            return e, m, name
-    return None, "", None
-
-
-def _amount_words(metric: str, embedder: str | None, ck: CheckpointResult) -> str:
-    em = ck.metrics.get(embedder) if embedder else None
-    by = f" under {embedder}" if embedder else ""
-    if metric == "memorization_ratio":
-        return f"are memorized copies (nearest training image over 3× closer than the second nearest{by})"
-    if metric == "memorization_ratio_half":
-        return f"are near-copies (nearest training image over 2× closer than the second nearest{by})"
-    if metric == "replication_rate":
-        thr = f" above {fmt_num(em.threshold)}" if em is not None and _f(em.threshold) is not None else ""
-        return f"replicate a training image (top-1 similarity{thr}{by})"
-    if metric == "extraction_fraction":
-        return f"are extracted training images (calibrated tiled-L2 ratio{by})"
-    return f"pass the onset signal{by}"
-
-
-def _verdict(result: AuditResult, cks: list[CheckpointResult], keep_ck: CheckpointResult | None) -> dict:
-    on = result.onset
-    signal_label = on.signal or "the onset signal"
-    if not cks:
-        return {"status": "none", "badge": "No data", "headline": "No checkpoints were audited.",
-                "lines": [result.verdict.strip()] if result.verdict.strip() else [], "notes": [], "rule": ""}
-    last = cks[-1]
-    e, metric, emb = _amount(last, on.signal)
-    thr = _f(on.threshold)
-    lines: list[str] = []
-    if on.onset_step is not None:
-        status, badge = "alert", "Memorization detected"
-        headline = f"Memorization starts at step {fmt_step(on.onset_step)}."
-    else:
-        low = None if e is None else (_f(e.low) if _f(e.low) is not None else _f(e.value))
-        if low is not None and thr is not None and low > thr:
-            status, badge = "warn", "Not yet confirmed"
-            headline = (f"Signs of memorization at the last checkpoint (step {fmt_step(last.step)}), "
-                        f"not yet confirmed by {int(on.patience)} consecutive checkpoints.")
-        else:
-            status, badge = "ok", "No memorization detected"
-            span = (f"step {fmt_step(cks[0].step)}" if len(cks) == 1
-                    else f"steps {fmt_step(cks[0].step)}–{fmt_step(last.step)}")
-            headline = f"No memorization onset across {len(cks)} checkpoint{'s' * (len(cks) != 1)} ({span})."
-    if e is not None:
-        lines.append(f"At the last checkpoint (step {fmt_step(last.step)}), {fmt_pct(e.value)} of generated samples"
-                     f"{_ci_sentence(e)} {_amount_words(metric, emb, last)}.")
-    if keep_ck is not None:
-        why = f": {on.recommended_reason.strip().rstrip('.')}" if on.recommended_reason.strip() else ""
-        lines.append(f"Keep the checkpoint at step {fmt_step(keep_ck.step)} ({keep_ck.path}){why}.")
-    elif on.recommended_step is not None:
-        lines.append(f"Keep the checkpoint at step {fmt_step(on.recommended_step)}.")
-    else:
-        why = on.recommended_reason.strip().rstrip(".")
-        lines.append("No checkpoint is recommended" + (f": {why}." if why else "."))
+def _verdict(result: AuditResult, cks: list[CheckpointResult]) -> dict:
+    """The report's verdict box: :func:`diffaudit.onset.verdict`, the result's own words when it has them, and
+    notes on what was left out."""
+    v = verdict(cks, result.onset)
+    own = result.verdict.strip()
+    lines = [own] if own and own != v.text else list(v.lines)  # words other than the computed ones win
     notes: list[str] = []
     nonfinite = sum(int(c.num_nonfinite or 0) for c in cks)
     if nonfinite:
         notes.append(f"{nonfinite:,} generated sample{'s were' if nonfinite != 1 else ' was'} NaN/inf and left out "
                      "of every metric.")
-    if result.skipped:
+    if result.skipped and cks:
         n = len(result.skipped)
         notes.append(f"{n:,} input{'s were' if n != 1 else ' was'} skipped (listed below with reasons).")
-    rule = ""
-    if thr is not None:
-        conf = fmt_pct(on.confidence) if _f(on.confidence) else "95%"
-        rule = (f"Onset rule: the lower bound of the {conf} confidence interval of {signal_label} exceeds "
-                f"{fmt_pct(thr)} at a checkpoint and stays above it for {int(on.patience)} consecutive "
-                f"checkpoint{'s' * (int(on.patience) != 1)}.")
-    if result.verdict.strip():  # the audit's own words replace the composed ones; the headline stays short
-        lines = [result.verdict.strip()]
-    return {"status": status, "badge": badge, "headline": headline, "lines": lines, "notes": notes, "rule": rule}
+    return {"status": v.status, "badge": v.badge, "headline": v.headline, "lines": lines, "notes": notes,
+            "rule": v.rule}
 
 
 def _embedder_colors(cks: list[CheckpointResult]) -> dict[str, str]:
@@ -698,7 +504,7 @@ def _charts(result: AuditResult, cks: list[CheckpointResult], colors: dict[str, 
     on = result.onset
     onset = on.onset_step
     keep = on.recommended_step
-    sig_metric, sig_emb = _parse_signal(on.signal)
+    sig_metric = on.signal_metric or None
     thr = _f(on.threshold)
     charts: list[Chart] = []
     signal_charted = False
@@ -855,16 +661,8 @@ def _galleries(cks: list[CheckpointResult], thumbs: _Thumbs, *, onset, keep, max
     return out, capped
 
 
-def _sorted_risks(rows: list[ImageRisk]) -> list[ImageRisk]:
-    def key(r: ImageRisk):
-        first = r.first_step_copied if r.first_step_copied is not None else math.inf
-        return (-int(r.copies or 0), first, -(_f(r.outlier_score) or 0.0), str(r.id))
-
-    return sorted(rows, key=key)
-
-
 def _risk_table(images: list[ImageRisk], max_rows: int) -> dict:
-    rows = _sorted_risks(images)
+    rows = sorted(images, key=ImageRisk.sort_key)
     shown = rows[:max_rows]
     cols = [("id", "Training image", "str"), ("copies", "Copies", "num"), ("first", "First copied (step)", "num"),
             ("dups", "Duplicates", "num"), ("outlier", "Outlier score", "num"), ("label", "Label", "str")]
@@ -969,9 +767,9 @@ def _context(result: AuditResult, thumbs: _Thumbs, *, title, max_gallery, galler
     on = result.onset
     keep_ck = next((c for c in cks if c.step == on.recommended_step), None)
     colors = _embedder_colors(cks)
-    verdict = _verdict(result, cks, keep_ck)
+    verdict = _verdict(result, cks)
     last = cks[-1] if cks else None
-    e_last = _amount(last, on.signal)[0] if last is not None else None
+    e_last = signal_estimate(last, on.signal_metric, on.signal_embedder or None)[0] if last is not None else None
     risk = _risk_table(list(result.images), max_rows)
     cards = [
         ("Onset", f"step {fmt_step(on.onset_step)}" if on.onset_step is not None else "none",
@@ -1024,12 +822,6 @@ def _context(result: AuditResult, thumbs: _Thumbs, *, title, max_gallery, galler
 
 
 def _env():
-    import jinja2
-
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
-                             keep_trailing_newline=True)
-    env.filters["step"] = fmt_step
-    env.filters["num"] = fmt_num
-    env.filters["pct"] = fmt_pct
+    env = page_env()
+    env.filters.update(step=fmt_step, num=fmt_num, pct=fmt_pct)
     return env

@@ -1,74 +1,21 @@
 """Curator pages: duplicate clusters (``find_duplicates``) and nearest matches (``match``) as one HTML file each.
 
 Self-contained: thumbnails are inlined PNG data URIs, styles are inline, the page carries a restrictive
-Content-Security-Policy (no network, no external resources) and every user-controlled string (ids, paths, embedder
-names, sources, decode errors) goes through :func:`~diffaudit.report._html.esc`. No JavaScript.
+Content-Security-Policy (no network, no external resources, no script) and every user-controlled string (ids, paths,
+embedder names, sources, decode errors) goes through Jinja's autoescape (templates ``duplicates.html.j2`` and
+``matches.html.j2`` on the ``page.html.j2`` layout).
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
-from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
-from .._serial import atomic_write_text
-from ._html import CSP, esc, png_data_uri
+from ..data import as_imageset
+from ..results import DuplicateReport, Matches
+from ._html import Figures, render_page
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..curate import DuplicateReport, Matches
-
-log = logging.getLogger(__name__)
-
-_EXTRA_CSS = """
-.clusters { display: grid; gap: 12px; }
-.cluster { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: 10px 14px 12px; }
-.cluster h3 { font-size: .92rem; margin: 0 0 8px; font-weight: 600; }
-.cluster h3 .meta { font-weight: 400; color: var(--muted); }
-.thumbs { display: flex; flex-wrap: wrap; gap: 10px; }
-.th { margin: 0; width: calc(var(--thumb) + 4px); }
-.th img, .th .ph { display: block; width: var(--thumb); height: var(--thumb); object-fit: contain; background: #eef0f3;
-                   border-radius: 4px; }
-.th figcaption { font-family: var(--mono); font-size: .68rem; color: var(--muted); overflow-wrap: anywhere;
-                 line-height: 1.25; margin-top: 3px; }
-.th figcaption b { font-family: var(--sans); color: var(--fg); font-weight: 600; }
-.th figcaption .cap, .th figcaption .idl { display: block; }
-.th figcaption .cap { font-family: var(--sans); font-size: .74rem; }
-.th.query img { outline: 2px solid var(--blue); outline-offset: -2px; }
-.row { display: flex; gap: 14px; align-items: flex-start; background: var(--card); border: 1px solid var(--line);
-       border-radius: 8px; padding: 10px 14px; margin: 0 0 8px; }
-.row.flag { border-color: #e9b38f; background: #fffaf6; }
-.row .sep { align-self: stretch; border-left: 1px dashed var(--line); }
-table.plain { border-collapse: collapse; font-size: .84rem; background: var(--card); }
-table.plain th, table.plain td { border: 1px solid var(--line); padding: 3px 8px; text-align: left; }
-table.plain td.id { font-family: var(--mono); font-size: .78rem; overflow-wrap: anywhere; }
-table.plain td.num { font-variant-numeric: tabular-nums; text-align: right; }
-"""
-
-_FALLBACK_CSS = """
-:root { --fg:#1b2230; --muted:#5a6372; --faint:#8a93a1; --line:#dfe3e9; --bg:#f5f6f8; --card:#fff; --blue:#0072B2;
-        --sans: system-ui, sans-serif; --mono: ui-monospace, monospace; }
-body { margin:0; font:15px/1.5 var(--sans); color:var(--fg); background:var(--bg); }
-.wrap { max-width:1180px; margin:0 auto; padding:0 28px; }
-.top { background:#172033; color:#fff; padding:22px 0 20px; }
-.top .sub { color:#b9c4d6; font-size:.9rem; overflow-wrap:anywhere; }
-.cards { display:grid; grid-template-columns:repeat(auto-fit,minmax(170px,1fr)); gap:12px; margin:18px 0; }
-.card { background:var(--card); border:1px solid var(--line); border-radius:8px; padding:12px 14px; }
-.card p { margin:0; } .card-label { font-size:.75rem; text-transform:uppercase; color:var(--muted); }
-.card-value { font-size:1.45rem; font-weight:650; }
-.note { color:var(--muted); font-size:.92rem; } section { margin:0 0 2.4rem; }
-.ph { display:flex !important; align-items:center; justify-content:center; padding:4px; }
-.ph span { font-family:var(--mono); font-size:9px; color:var(--muted); overflow-wrap:anywhere; }
-img.px { image-rendering: pixelated; }
-"""
-
-
-def _base_css() -> str:
-    css = Path(__file__).with_name("templates") / "report.css"
-    try:
-        return css.read_text(encoding="utf-8")
-    except OSError:
-        return _FALLBACK_CSS
+MAX_SKIPPED_ROWS = 1000
 
 
 def _fmt(x: Optional[float], metric: str = "l2") -> str:
@@ -77,199 +24,92 @@ def _fmt(x: Optional[float], metric: str = "l2") -> str:
     return f"{x:.4f}" if metric == "cosine" else f"{x:.4g}"
 
 
-def _page(title: str, subtitle: str, body: str, thumb: int) -> str:
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        f"<meta http-equiv=\"Content-Security-Policy\" content=\"{esc(CSP)}\">\n"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-        "<meta name=\"referrer\" content=\"no-referrer\">\n<meta name=\"generator\" content=\"diffaudit\">\n"
-        f"<title>{esc(title)}</title>\n<style>\n{_base_css()}\n{_EXTRA_CSS}\n"
-        f":root {{ --thumb: {int(thumb)}px; }}\n</style>\n</head>\n<body>\n"
-        f"<header class=\"top\"><div class=\"wrap\"><p class=\"brand\">diffaudit</p><h1>{esc(title)}</h1>"
-        f"<p class=\"sub\">{subtitle}</p></div></header>\n<main class=\"wrap\">\n{body}\n</main>\n"
-        "<footer class=\"wrap foot\">Generated by diffaudit. Self-contained page: no network access, "
-        "thumbnails inlined.</footer>\n</body>\n</html>\n"
-    )
+def _check(**values) -> None:
+    for name, (v, lo) in values.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ValueError(f"{name}: expected an integer >= {lo}, got {v!r}")
 
 
-def _card(label: str, value: str, hint: str = "") -> str:
-    h = f"<p class=\"card-hint\">{esc(hint)}</p>" if hint else ""
-    return (f"<div class=\"card\"><p class=\"card-label\">{esc(label)}</p>"
-            f"<p class=\"card-value\">{esc(value)}</p>{h}</div>")
+def resolve_images(given, kept, source: str, what: str):
+    """The images a page shows: those given, else those kept on the result, else the folder it came from."""
+    if given is not None:
+        return as_imageset(given, what)
+    if kept is not None:
+        return kept
+    if source.startswith("folder:"):
+        return as_imageset(source[len("folder:"):], what)
+    raise ValueError(f"to_html needs the images: pass {what}=<the ImageSet> (the report came from {source or 'JSON'!r}"
+                     ", which cannot be reopened)")
 
 
-class _Thumbs:
-    """Thumbnail HTML per id, decoded once; decode failures become an escaped placeholder."""
-
-    def __init__(self, images, thumb: int) -> None:
-        self.images = images
-        self.thumb = int(thumb)
-        self._cache: dict[str, str] = {}
-
-    def img(self, id_: str) -> str:
-        if id_ in self._cache:
-            return self._cache[id_]
-        try:
-            if self.images is None:
-                raise ValueError("images not available")
-            arr = self.images.load(id_)
-            px = ' class="px"' if max(arr.shape[:2]) < self.thumb else ""  # upscaled: keep pixels crisp
-            html = f"<img src=\"{png_data_uri(arr, self.thumb)}\" alt=\"{esc(id_)}\"{px}>"
-        except Exception as exc:  # a file that vanished or no longer decodes: show why, keep the page
-            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
-            html = f"<div class=\"ph\" role=\"img\" aria-label=\"{esc(id_)}\"><span>{esc(reason)}</span></div>"
-        self._cache[id_] = html
-        return html
-
-    def figure(self, id_: str, caption_html: str = "", cls: str = "th") -> str:
-        cap = f"<span class=\"cap\">{caption_html}</span>" if caption_html else ""
-        return (f"<figure class=\"{cls}\">{self.img(id_)}<figcaption>{cap}"
-                f"<span class=\"idl\" title=\"{esc(id_)}\">{esc(id_)}</span></figcaption></figure>")
-
-
-def render_duplicates(report: "DuplicateReport", images, *, path: str | os.PathLike | None = None,
+def render_duplicates(report: DuplicateReport, images=None, *, path: str | os.PathLike | None = None,
                       title: str | None = None, max_clusters: int = 200, max_per_cluster: int = 24,
                       thumb: int = 96, max_pairs: int = 500) -> str:
-    """HTML for a :class:`~diffaudit.curate.DuplicateReport`; ``images`` is the ImageSet it was made from.
+    """HTML for a :class:`~diffaudit.results.DuplicateReport`; ``images``: the ImageSet it was made from (default:
+    the one kept by :func:`~diffaudit.curate.find_duplicates`, or the folder in ``report.source``).
 
     Shows key figures, the threshold rule, the ``max_clusters`` largest clusters (up to ``max_per_cluster``
     thumbnails each), the ``max_pairs`` closest pairs and the skipped files. Writes ``path`` when given.
     """
-    for name, v, lo in (("max_clusters", max_clusters, 0), ("max_per_cluster", max_per_cluster, 1),
-                        ("thumb", thumb, 16), ("max_pairs", max_pairs, 0)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-            raise ValueError(f"{name}: expected an integer >= {lo}, got {v!r}")
-    th = _Thumbs(images, thumb)
+    _check(max_clusters=(max_clusters, 0), max_per_cluster=(max_per_cluster, 1), thumb=(thumb, 16),
+           max_pairs=(max_pairs, 0))
+    th = Figures(resolve_images(images, getattr(report, "_images", None), report.source, "images"), thumb)
     metric = report.metric
     unit = "distance" if metric == "l2" else "cosine similarity"
-    pair_score: dict[frozenset, float] = {frozenset((p.id_a, p.id_b)): p.score for p in report.pairs}
-    parts = ["<section class=\"cards\" style=\"margin-top:18px\">",
-             _card("images", f"{report.num_images:,}"),
-             _card("duplicate pairs", f"{len(report.pairs):,}"),
-             _card("clusters", f"{len(report.clusters):,}"),
-             _card("removable copies", f"{report.num_duplicates:,}", "keeping one image per cluster"),
-             _card("skipped files", f"{len(report.skipped):,}"),
-             "</section>",
-             f"<section><p class=\"note\">Embedder <code>{esc(report.embedder)}</code> ({esc(unit)}); "
-             f"duplicates: {esc(report.threshold_rule or _fmt(report.threshold, metric))}; "
-             f"{esc(report.k)} candidates per image per search round (an image whose candidates may all be "
-             "duplicates is searched again with more).</p></section>"]
-
-    parts.append("<section id=\"clusters\"><h2>Clusters</h2>")
-    if not report.clusters:
-        parts.append("<p class=\"empty\">No duplicates found.</p>")
-    else:
-        if len(report.clusters) > max_clusters:
-            parts.append(f"<p class=\"note\">Showing the {max_clusters} largest of {len(report.clusters):,} "
-                         "clusters (the JSON and CSV files list all).</p>")
-        parts.append("<div class=\"clusters\">")
-        for c, members in enumerate(report.clusters[:max_clusters]):
-            scores = [pair_score[key] for key in (frozenset((a, b)) for i, a in enumerate(members)
-                                                  for b in members[i + 1:]) if key in pair_score]
-            rng = ""
-            if scores:
-                lo, hi = min(scores), max(scores)
-                rng = f"{unit} {_fmt(lo, metric)}" + (f" – {_fmt(hi, metric)}" if hi != lo else "")
-            more = len(members) - max_per_cluster
-            figs = "".join(th.figure(m) for m in members[:max_per_cluster])
-            if more > 0:
-                figs += f"<p class=\"note\">… and {more} more</p>"
-            parts.append(f"<div class=\"cluster\"><h3>Cluster {c + 1} <span class=\"meta\">· {len(members)} images"
-                         f"{' · ' + esc(rng) if rng else ''}</span></h3><div class=\"thumbs\">{figs}</div></div>")
-        parts.append("</div>")
-    parts.append("</section>")
-
-    if report.pairs:
-        parts.append(f"<section id=\"pairs\"><h2>Closest pairs</h2><table class=\"plain\"><thead><tr><th>image A</th>"
-                     f"<th>image B</th><th>{esc(unit)}</th><th>compared</th></tr></thead><tbody>")
-        for p in report.pairs[:max_pairs]:
-            how = {"": "as is", "hflip": "A mirrored"}.get(p.transform, p.transform)
-            parts.append(f"<tr><td class=\"id\">{esc(p.id_a)}</td><td class=\"id\">{esc(p.id_b)}</td>"
-                         f"<td class=\"num\">{esc(_fmt(p.score, metric))}</td><td>{esc(how)}</td></tr>")
-        parts.append("</tbody></table>")
-        if len(report.pairs) > max_pairs:
-            parts.append(f"<p class=\"note\">{len(report.pairs) - max_pairs:,} more pairs in the CSV/JSON.</p>")
-        parts.append("</section>")
-    parts.append(_skipped_section(report.skipped))
-    sub = f"{esc(report.source or 'image set')} · {esc(report.embedder)}"
-    html = _page(title or "Duplicate images", sub, "\n".join(parts), thumb)
-    if path is not None:
-        atomic_write_text(path, html)
-    return html
+    pair_score = {frozenset((p.id_a, p.id_b)): p.score for p in report.pairs}
+    clusters = []
+    for members in report.clusters[:max_clusters]:
+        scores = [pair_score[key] for key in (frozenset((a, b)) for i, a in enumerate(members)
+                                              for b in members[i + 1:]) if key in pair_score]
+        rng = ""
+        if scores:
+            lo, hi = min(scores), max(scores)
+            rng = f"{unit} {_fmt(lo, metric)}" + (f" – {_fmt(hi, metric)}" if hi != lo else "")
+        clusters.append({"size": len(members), "range": rng, "more": len(members) - max_per_cluster,
+                         "figures": [th.figure(m) for m in members[:max_per_cluster]]})
+    pairs = [{"a": p.id_a, "b": p.id_b, "score": _fmt(p.score, metric),
+              "how": {"": "as is", "hflip": "A mirrored"}.get(p.transform, p.transform)}
+             for p in report.pairs[:max_pairs]]
+    return render_page(
+        "duplicates.html.j2", title=title or "Duplicate images",
+        subtitle=f"{report.source or 'image set'} · {report.embedder}", thumb=thumb, path=path, r=report,
+        unit=unit, rule=report.threshold_rule or _fmt(report.threshold, metric), clusters=clusters, pairs=pairs,
+        more_pairs=max(0, len(report.pairs) - max_pairs), skipped=report.skipped[:MAX_SKIPPED_ROWS],
+        more_skipped=max(0, len(report.skipped) - MAX_SKIPPED_ROWS))
 
 
-def render_matches(matches: "Matches", queries, reference, *, path: str | os.PathLike | None = None,
+def render_matches(matches: Matches, queries=None, reference=None, *, path: str | os.PathLike | None = None,
                    title: str | None = None, max_rows: int = 200, thumb: int = 96) -> str:
-    """HTML for :class:`~diffaudit.curate.Matches`: each query beside its nearest reference images.
+    """HTML for :class:`~diffaudit.results.Matches`: each query beside its nearest reference images.
 
     Queries closer to a reference image than 95% of reference images are to their own nearest neighbour are
     flagged and listed first. Writes ``path`` when given.
     """
-    for name, v, lo in (("max_rows", max_rows, 0), ("thumb", thumb, 16)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-            raise ValueError(f"{name}: expected an integer >= {lo}, got {v!r}")
-    tq, tr = _Thumbs(queries, thumb), _Thumbs(reference, thumb)
+    _check(max_rows=(max_rows, 0), thumb=(thumb, 16))
+    tq = Figures(resolve_images(queries, getattr(matches, "_queries", None), matches.query_source, "queries"), thumb)
+    tr = Figures(resolve_images(reference, getattr(matches, "_reference", None), matches.reference_source,
+                                "reference"), thumb)
     metric = matches.metric
-    unit = "distance" if metric == "l2" else "cosine similarity"
     flagged = set(matches.closer_than_baseline())
-    b = matches.baseline
-    parts = ["<section class=\"cards\" style=\"margin-top:18px\">",
-             _card("queries", f"{len(matches.query_ids):,}"),
-             _card("reference images", f"{matches.num_reference:,}"),
-             _card("closer than baseline", f"{len(flagged):,}",
-                   "top-1 beyond the reference's own 5% tail" if b else "no baseline"),
-             _card("skipped files", f"{len(matches.skipped):,}"),
-             "</section>"]
-    if b is not None:
-        parts.append(
-            f"<section><p class=\"note\">Embedder <code>{esc(matches.embedder)}</code> ({esc(unit)}). Baseline: each "
-            f"reference image to its nearest other reference image, n={b.n:,}: mean {esc(_fmt(b.mean, metric))}, "
-            f"5th percentile {esc(_fmt(b.p05, metric))}, median {esc(_fmt(b.p50, metric))}, 95th percentile "
-            f"{esc(_fmt(b.p95, metric))}.</p></section>")
-    order = sorted(range(len(matches.query_ids)),
-                   key=lambda i: (matches.query_ids[i] not in flagged,
-                                  _sort_key(matches.scores[i], metric), i))
-    parts.append("<section id=\"matches\"><h2>Nearest reference images</h2>")
-    if len(order) > max_rows:
-        parts.append(f"<p class=\"note\">Showing {max_rows} of {len(order):,} queries (closest first); the CSV and "
-                     "JSON files list all.</p>")
-    if not order:
-        parts.append("<p class=\"empty\">No queries.</p>")
+
+    def closeness(i: int) -> float:
+        s = matches.scores[i]
+        return math.inf if not s else (s[0] if metric == "l2" else -s[0])
+
+    order = sorted(range(len(matches.query_ids)), key=lambda i: (matches.query_ids[i] not in flagged, closeness(i), i))
+    rows = []
     for i in order[:max_rows]:
         qid = matches.query_ids[i]
         flag = qid in flagged
-        figs = [tq.figure(qid, "<b>query</b>" + (" · closer than baseline" if flag else ""), "th query"),
-                "<div class=\"sep\"></div>"]
-        for rank, (rid, s) in enumerate(zip(matches.reference_ids[i], matches.scores[i])):
-            figs.append(tr.figure(rid, f"<b>#{rank + 1}</b> · {esc(_fmt(s, metric))}"))
-        parts.append(f"<div class=\"row{' flag' if flag else ''}\">{''.join(figs)}</div>")
-    parts.append("</section>")
-    parts.append(_skipped_section(matches.skipped))
-    sub = (f"{esc(matches.query_source or 'queries')} → {esc(matches.reference_source or 'reference')} · "
-           f"{esc(matches.embedder)}")
-    html = _page(title or "Nearest matches", sub, "\n".join(parts), thumb)
-    if path is not None:
-        atomic_write_text(path, html)
-    return html
-
-
-def _sort_key(scores: list, metric: str) -> float:
-    if not scores:
-        return math.inf
-    return scores[0] if metric == "l2" else -scores[0]
-
-
-def _skipped_section(skipped) -> str:
-    if not skipped:
-        return ""
-    rows = "".join(
-        f"<tr><td class=\"id\">{esc(s.id)}</td><td>{esc(getattr(s, 'where', ''))}</td><td>{esc(s.reason)}</td></tr>"
-        for s in skipped[:1000])
-    more = f"<p class=\"note\">{len(skipped) - 1000:,} more in the JSON.</p>" if len(skipped) > 1000 else ""
-    return (f"<section id=\"skipped\"><h2>Skipped files</h2><table class=\"plain\"><thead><tr><th>id</th><th>set</th>"
-            f"<th>reason</th></tr></thead><tbody>{rows}</tbody></table>{more}</section>")
-
-
-# names used by DuplicateReport.to_html / Matches.to_html
-duplicates_html = render_duplicates
-matches_html = render_matches
+        rows.append({"flag": flag,
+                     "query": tq.figure(qid, ["query"] + (["closer than baseline"] if flag else [])),
+                     "refs": [tr.figure(rid, [f"#{rank + 1}", _fmt(s, metric)]) for rank, (rid, s)
+                              in enumerate(zip(matches.reference_ids[i], matches.scores[i]))]})
+    b = matches.baseline
+    baseline = None if b is None else {k: _fmt(getattr(b, k), metric) for k in ("mean", "p05", "p50", "p95")}
+    return render_page(
+        "matches.html.j2", title=title or "Nearest matches",
+        subtitle=f"{matches.query_source or 'queries'} → {matches.reference_source or 'reference'} · {matches.embedder}",
+        thumb=thumb, path=path, m=matches, unit="distance" if metric == "l2" else "cosine similarity",
+        n_flagged=len(flagged), baseline=baseline, rows=rows, total=len(order),
+        skipped=matches.skipped[:MAX_SKIPPED_ROWS], more_skipped=max(0, len(matches.skipped) - MAX_SKIPPED_ROWS))

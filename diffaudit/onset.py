@@ -1,0 +1,289 @@
+"""The decision rules shared by ``audit()`` and the training-time monitor: memorization onset, the checkpoint to
+keep, and the verdict text (pure functions of per-checkpoint results; no framework import).
+
+Onset rule
+----------
+At each evaluated checkpoint the audit computes an onset *signal* -- a fraction of copied samples with a
+confidence interval (``Estimate``; Wilson score interval, see ``diffaudit.metrics.stats``). Memorization onset is
+the first evaluated step ``s`` such that the CI **lower bound** exceeds ``threshold`` at ``s`` and at the next
+``patience - 1`` evaluated steps:
+
+* the lower bound makes one checkpoint's evidence count only when the fraction is *significantly* above the
+  threshold at the chosen confidence (a handful of chance near-copies among a few hundred samples is not enough);
+* ``patience`` consecutive confirmations ignore isolated blips (sampling noise, a bad checkpoint);
+* the onset is reported at the *first* step of the confirming run, so it does not lag by ``patience - 1`` steps.
+
+While fewer than ``patience`` evaluations exist after a candidate step, onset is *not yet confirmed* and the result
+is ``None``; the monitor calls :func:`detect_onset` on the whole history after each evaluation and stops training
+the first time it returns a step. Missing lower bounds (``None``/NaN: not computed) break a run.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Sequence
+
+DEFAULT_THRESHOLD = 0.02
+DEFAULT_PATIENCE = 2
+DEFAULT_CONFIDENCE = 0.95
+
+
+def _check_rule(threshold: float, patience: int) -> None:
+    if not math.isfinite(float(threshold)):
+        raise ValueError(f"threshold={threshold!r} must be a finite number (e.g. 0.02 = 2% of samples)")
+    if int(patience) != patience or patience < 1:
+        raise ValueError(f"patience={patience!r} must be an integer >= 1")
+
+
+def _sorted_history(steps: Sequence[int], values: Sequence, name: str) -> list[tuple[int, object]]:
+    steps = [int(s) for s in steps]
+    values = list(values)
+    if len(steps) != len(values):
+        raise ValueError(f"steps and {name} must have the same length; got {len(steps)} and {len(values)}")
+    if len(set(steps)) != len(steps):
+        dup = sorted({s for s in steps if steps.count(s) > 1})
+        raise ValueError(f"steps must be unique; repeated: {dup}")
+    return sorted(zip(steps, values), key=lambda p: p[0])
+
+
+def _valid(x) -> bool:
+    return x is not None and math.isfinite(float(x))
+
+
+def detect_onset(steps: Sequence[int], lows: Sequence[Optional[float]], threshold: float = DEFAULT_THRESHOLD,
+                 patience: int = DEFAULT_PATIENCE) -> Optional[int]:
+    """First evaluated step whose CI lower bound, and those of the next ``patience - 1`` evaluated steps, are all
+    ``> threshold``; ``None`` when no such run is (yet) complete. Steps need not be given in order."""
+    _check_rule(threshold, patience)
+    hist = _sorted_history(steps, lows, "lows")
+    run_start, run_len = None, 0
+    for step, low in hist:
+        if _valid(low) and float(low) > threshold:
+            if run_len == 0:
+                run_start = step
+            run_len += 1
+            if run_len >= patience:
+                return run_start
+        else:
+            run_start, run_len = None, 0
+    return None
+
+
+@dataclass(frozen=True)
+class OnsetRule:
+    """Parameters of the onset rule; ``confidence`` is the CI level the signal's lower bound is computed at."""
+
+    threshold: float = DEFAULT_THRESHOLD
+    patience: int = DEFAULT_PATIENCE
+    confidence: float = DEFAULT_CONFIDENCE
+
+    def __post_init__(self) -> None:
+        _check_rule(self.threshold, self.patience)
+        if not 0.0 < float(self.confidence) < 1.0:
+            raise ValueError(f"confidence={self.confidence!r} must be strictly between 0 and 1")
+
+    def detect(self, steps: Sequence[int], lows: Sequence[Optional[float]]) -> Optional[int]:
+        return detect_onset(steps, lows, self.threshold, self.patience)
+
+
+class Recommendation(NamedTuple):
+    step: Optional[int]
+    reason: str
+
+
+def recommend_checkpoint(steps: Sequence[int], onset_step: Optional[int],
+                         heldout_losses: Optional[Sequence[Optional[float]]] = None,
+                         signal_values: Optional[Sequence[Optional[float]]] = None) -> Recommendation:
+    """The checkpoint to keep: ``(step, reason)``.
+
+    Candidates are the checkpoints strictly before ``onset_step`` (all of them when there is no onset). Among them,
+    the one with the lowest held-out denoising loss (the generalization criterion: early stopping on validation
+    loss) when losses are given; ties go to the lower onset signal, then to the later step. Without held-out losses,
+    the latest candidate (most trained before memorization). ``step`` is ``None`` when onset is at the first
+    evaluated checkpoint (no clean checkpoint was evaluated).
+    """
+    steps = [int(s) for s in steps]
+    base = _sorted_history(steps, [None] * len(steps), "steps")
+    all_steps = [s for s, _ in base]
+    if not all_steps:
+        return Recommendation(None, "no checkpoints were evaluated")
+    losses = dict(_sorted_history(steps, heldout_losses, "heldout_losses")) if heldout_losses is not None else {}
+    signal = dict(_sorted_history(steps, signal_values, "signal_values")) if signal_values is not None else {}
+    cand = all_steps if onset_step is None else [s for s in all_steps if s < int(onset_step)]
+    where = "no memorization onset was detected" if onset_step is None else \
+        f"memorization onset at step {int(onset_step)}"
+    if not cand:
+        return Recommendation(None, f"{where} and no earlier checkpoint was evaluated; evaluate earlier "
+                                    "checkpoints or retrain with fewer steps / more data")
+    with_loss = [s for s in cand if _valid(losses.get(s))]
+    if with_loss:
+        def key(s: int):
+            sig = signal.get(s)
+            return (float(losses[s]), float(sig) if _valid(sig) else math.inf, -s)
+
+        best = min(with_loss, key=key)
+        scope = "all checkpoints" if onset_step is None else f"checkpoints before step {int(onset_step)}"
+        return Recommendation(best, f"{where}; lowest held-out denoising loss ({float(losses[best]):.6g}) among "
+                                    f"{scope} with a held-out loss ({len(with_loss)})")
+    best = max(cand)
+    if onset_step is None:
+        return Recommendation(best, f"{where}; latest checkpoint (no held-out loss to compare checkpoints)")
+    return Recommendation(best, f"{where}; latest checkpoint before onset (no held-out loss to compare checkpoints)")
+
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the verdict: the one place where the decision is put into words (audit.json, the report, the monitor's log)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The decision in words: ``status`` ("alert" | "warn" | "ok" | "none"), ``badge``, ``headline``, ``lines`` and
+    ``rule`` (the report's verdict box); ``text`` = headline and lines, stored as ``AuditResult.verdict`` and
+    printed by the CLI."""
+
+    status: str
+    badge: str
+    headline: str
+    lines: tuple[str, ...]
+    rule: str
+    text: str
+
+
+def signal_estimate(ck, metric: Optional[str], embedder: Optional[str]):
+    """How much copying at checkpoint ``ck``: ``(Estimate, metric, embedder)`` of the onset signal (``metric`` under
+    ``embedder``), else the checkpoint's ``onset_signal``, else the first copy-rule estimate it has."""
+    from ._format import finite
+
+    def est(m, emb):
+        if not m:
+            return None, None
+        if emb:
+            em = ck.metrics.get(emb)
+            e = getattr(em, m, None) if em is not None else None
+            return (e, emb) if e is not None and hasattr(e, "value") else (None, None)
+        for name, em in ck.metrics.items():
+            e = getattr(em, m, None)
+            if e is not None and hasattr(e, "value") and finite(e.value) is not None:
+                return e, name
+        return None, None
+
+    e, name = est(metric, embedder)
+    if e is not None and finite(e.value) is not None:
+        return e, metric, name
+    if ck.onset_signal is not None and finite(ck.onset_signal.value) is not None:
+        return ck.onset_signal, metric or "signal", embedder
+    for m in ("memorization_ratio", "replication_rate", "extraction_fraction"):
+        e, name = est(m, None)
+        if e is not None:
+            return e, m, name
+    return None, "", None
+
+
+def _copy_words(metric: str, embedder: Optional[str], ck) -> str:
+    from ._format import finite, fmt_num
+
+    em = ck.metrics.get(embedder) if embedder else None
+    by = f" under {embedder}" if embedder else ""
+    if metric == "memorization_ratio":
+        return f"are memorized copies (nearest training image over 3× closer than the second nearest{by})"
+    if metric == "memorization_ratio_half":
+        return f"are near-copies (nearest training image over 2× closer than the second nearest{by})"
+    if metric == "replication_rate":
+        thr = f" above {fmt_num(em.threshold)}" if em is not None and finite(em.threshold) is not None else ""
+        return f"replicate a training image (top-1 similarity{thr}{by})"
+    if metric == "extraction_fraction":
+        return f"are extracted training images (calibrated tiled-L2 ratio{by})"
+    return f"pass the onset signal{by}"
+
+
+def verdict(checkpoints: Sequence, onset) -> Verdict:
+    """The verdict on ``checkpoints`` (CheckpointResult, in step order) given the rule's decision ``onset``
+    (an :class:`~diffaudit.results.OnsetInfo`)."""
+    from ._format import ci_sentence, finite, fmt_pct, fmt_step
+    from .metrics.rules import RULES
+
+    cks = list(checkpoints)
+    if not cks:
+        return Verdict("none", "No data", "No checkpoints were audited.", (), "", "No checkpoints were audited.")
+    first, last = cks[0], cks[-1]
+    e, metric, emb = signal_estimate(last, onset.signal_metric, onset.signal_embedder or None)
+    rule_of = RULES.get(onset.copy_rule)
+    em = last.metrics.get(onset.signal_embedder) if onset.signal_embedder else None
+    label = (rule_of.label(onset.signal_embedder, getattr(em, "threshold", None)) if rule_of is not None
+             else onset.signal or "the onset signal")
+    thr = finite(onset.threshold)
+    if onset.onset_step is not None:
+        status, badge = "alert", "Memorization detected"
+        headline = f"Memorization starts at step {fmt_step(onset.onset_step)}."
+    else:
+        low = None if e is None else (finite(e.low) if finite(e.low) is not None else finite(e.value))
+        if low is not None and thr is not None and low > thr:
+            status, badge = "warn", "Not yet confirmed"
+            headline = (f"Signs of memorization at the last checkpoint (step {fmt_step(last.step)}), "
+                        f"not yet confirmed by {int(onset.patience)} consecutive checkpoints.")
+        else:
+            status, badge = "ok", "No memorization detected"
+            span = (f"step {fmt_step(first.step)}" if len(cks) == 1
+                    else f"steps {fmt_step(first.step)}–{fmt_step(last.step)}")
+            headline = f"No memorization onset across {len(cks)} checkpoint{'s' * (len(cks) != 1)} ({span})."
+    lines: list[str] = []
+    if e is not None:
+        lines.append(f"At the last checkpoint (step {fmt_step(last.step)}), {fmt_pct(e.value)} of generated samples"
+                     f"{ci_sentence(e)} {_copy_words(metric, emb, last)}.")
+    keep_ck = next((c for c in cks if c.step == onset.recommended_step), None)
+    reason = (onset.recommended_reason or "").strip().rstrip(".")
+    if keep_ck is not None:
+        lines.append(f"Keep the checkpoint at step {fmt_step(keep_ck.step)} ({keep_ck.path})"
+                     + (f": {reason}." if reason else "."))
+    elif onset.recommended_step is not None:
+        lines.append(f"Keep the checkpoint at step {fmt_step(onset.recommended_step)}.")
+    else:
+        lines.append("No checkpoint is recommended" + (f": {reason}." if reason else "."))
+    rule = ""
+    if thr is not None:
+        conf = fmt_pct(onset.confidence) if finite(onset.confidence) else "95%"
+        rule = (f"Onset rule: the lower bound of the {conf} confidence interval of {label} exceeds "
+                f"{fmt_pct(thr)} at a checkpoint and stays above it for {int(onset.patience)} consecutive "
+                f"checkpoint{'s' * (int(onset.patience) != 1)}.")
+    text = " ".join([headline, *lines])
+    return Verdict(status, badge, headline, tuple(lines), rule, text)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the decision over a run's checkpoint results (shared by audit() and MemorizationMonitor)
+
+
+def onset_of(rule: OnsetRule, checkpoints: Sequence) -> Optional[int]:
+    """The onset step of ``rule`` over checkpoint results: the evaluations that measured the onset signal (a
+    loss-only evaluation of the monitor, or a checkpoint whose samples were all NaN, neither confirms nor breaks a
+    run)."""
+    sampled = [c for c in checkpoints if c.onset_signal is not None]
+    return rule.detect([c.step for c in sampled], [c.onset_signal.low for c in sampled])
+
+
+def recommendation_for(checkpoints: Sequence, onset_step: Optional[int]) -> Recommendation:
+    """:func:`recommend_checkpoint` over checkpoint results."""
+    return recommend_checkpoint(
+        [c.step for c in checkpoints], onset_step, heldout_losses=[c.loss_heldout for c in checkpoints],
+        signal_values=[c.onset_signal.value if c.onset_signal is not None else None for c in checkpoints])
+
+
+def onset_info(rule: OnsetRule, checkpoints: Sequence, *, copy_rule: str, signal_metric: str, signal_embedder: str,
+               onset_step: Optional[int] = None, decided: bool = False):
+    """The :class:`~diffaudit.results.OnsetInfo` of a run: the rule's parameters, its onset step (computed unless
+    ``decided``) and the checkpoint to keep."""
+    from .results import OnsetInfo
+
+    if not decided:
+        onset_step = onset_of(rule, checkpoints)
+    rec = recommendation_for(checkpoints, onset_step)
+    return OnsetInfo(signal=f"{signal_metric}[{signal_embedder}]", threshold=rule.threshold, patience=rule.patience,
+                     confidence=rule.confidence, onset_step=onset_step, recommended_step=rec.step,
+                     recommended_reason=rec.reason, copy_rule=copy_rule, signal_metric=signal_metric,
+                     signal_embedder=signal_embedder)
+
+
+#: how the onset rule reads in provenance records
+ONSET_RULE_TEXT = "CI lower bound > threshold at `patience` consecutive checkpoints (diffaudit.onset)"
