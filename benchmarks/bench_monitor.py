@@ -1,4 +1,4 @@
-"""Training monitor on the embedded demo: overhead (fraction of training time) and detection lag (issue 4, Measure).
+"""Training monitor on the embedded demo: overhead (fraction of training time) and detection lag.
 
 (a) Overhead. Trains the demo's small set (diffaudit.demo.train_digits_ddpm) twice with the same seed: once with no
     callback and once with the MemorizationMonitor the demo attaches (diffaudit.demo.demo_monitor, at the demo's

@@ -201,7 +201,7 @@ def audit(
     sched_obj = None
     if kwargs.get("scheduler") is not None and not isinstance(kwargs["scheduler"], (str, os.PathLike)):
         sched_obj = kwargs.pop("scheduler")
-    if _is_model_list(checkpoints):
+    if is_model_list(checkpoints):
         checkpoints = memory_run(checkpoints, scheduler=sched_obj or kwargs.get("scheduler") or cfg.scheduler)
     over = {"train": train, "heldout": heldout, "num_samples": num_samples, "seed": seed}
     over = {k: v for k, v in over.items() if v is not None and isinstance(v, (str, int, os.PathLike))}
@@ -336,7 +336,7 @@ def _module_hash(model) -> str:
     return h.hexdigest()
 
 
-def _is_model_list(checkpoints) -> bool:
+def is_model_list(checkpoints) -> bool:
     """True for in-memory checkpoints: a non-empty list of ``(step, model)`` pairs or a ``{step: model}`` dict."""
     if isinstance(checkpoints, dict):
         return bool(checkpoints) and all(isinstance(k, (int, np.integer)) for k in checkpoints)

@@ -200,6 +200,34 @@ def audit_cmd(
     out.print(f"report: {out_dir / 'report.html'}", soft_wrap=True, highlight=False)
 
 
+@app.command("compare")
+@_guard
+def compare_cmd(
+    run_a: Path = typer.Argument(..., help="Run folder of the model trained on set A."),
+    run_b: Path = typer.Argument(..., help="Run folder of the model trained on set B (disjoint from A)."),
+    train_a: Path = typer.Option(..., "--train-a", help="Folder of A's training images."),
+    train_b: Path = typer.Option(..., "--train-b", help="Folder of B's training images."),
+    samples: int = typer.Option(128, "--samples", "-n", help="Seeds (samples per run and checkpoint)."),
+    seed: int = typer.Option(0, help="Noise seed (the same noise for both runs and every checkpoint)."),
+    steps: int = typer.Option(50, "--inference-steps", help="Sampler steps."),
+    ema: str = typer.Option("prefer", help="prefer | only | never (use unet_ema/ weights)."),
+    out_dir: Path = typer.Option(Path("diffaudit-compare"), "--out", "-o"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache"),
+) -> None:
+    """Disjoint-split test (Kadkhodaie et al. 2024): do two runs trained on disjoint sets agree, or copy their own?
+    Writes compare.html and compare.json."""
+    from .compare import agreement_summary, compare_runs
+
+    out_dir = _check_out_dir(out_dir)
+    res = compare_runs(str(run_a), str(run_b), train_a, train_b, num_samples=samples, seed=seed,
+                       num_inference_steps=steps, ema=ema, cache_dir=str(cache_dir) if cache_dir else None,
+                       progress=True)
+    res.to_json(out_dir / "compare.json")
+    res.to_html(out_dir / "compare.html")
+    out.print(agreement_summary(res) or "no matched checkpoints", soft_wrap=True, highlight=False, markup=False)
+    out.print(f"report: {out_dir / 'compare.html'}", soft_wrap=True, highlight=False, markup=False)
+
+
 @app.command()
 @_guard
 def report(

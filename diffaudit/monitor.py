@@ -11,8 +11,8 @@ import os
 from typing import Optional, Sequence
 
 from .data import as_imageset
-from .onset import (ONSET_RULE_TEXT, OnsetRule, Recommendation, detect_onset, onset_info, onset_of,
-                    recommend_checkpoint, recommendation_for, verdict)
+from .onset import (ONSET_RULE_TEXT, OnsetRule, Recommendation, detect_onset, onset_info, onset_of, quality_of,
+                    recommend_checkpoint, recommendation_for, tau_gen, verdict)
 
 __all__ = ["MemorizationMonitor", "OnsetRule", "Recommendation", "detect_onset", "recommend_checkpoint"]
 # ---------------------------------------------------------------------------------------------------------------
@@ -68,7 +68,7 @@ class MemorizationMonitor:
     model's own device unless ``device=`` says otherwise (the model is moved there and back).
 
     State: :attr:`history` (one :class:`CheckpointResult` per evaluation), :attr:`onset_step`, :attr:`best_step`
-    (the checkpoint to keep: :func:`recommend_checkpoint`), :attr:`stopped`, :attr:`metrics` (latest scalars,
+    (the checkpoint to keep, by the audit's rule: :attr:`recommendation`), :attr:`tau_gen`, :attr:`stopped`, :attr:`metrics` (latest scalars,
     ``diffaudit/...`` names). :meth:`state_dict` / :meth:`load_state_dict` (plain JSON values) let a resumed run keep
     its history. Logs through :mod:`logging`; ``tensorboard_dir=`` (a folder, or a ``SummaryWriter``) also writes
     the scalars to TensorBoard at the training step.
@@ -221,13 +221,25 @@ class MemorizationMonitor:
 
     @property
     def best_step(self) -> Optional[int]:
-        """The checkpoint to keep (:func:`recommend_checkpoint`): lowest held-out loss before onset, else the latest
+        """The checkpoint to keep (:attr:`recommendation`): the best sample quality in the stop window
+        [tau_gen, onset); without quality measurements the lowest held-out loss before onset, else the latest
         evaluated step before onset; None before any evaluation or when onset is at the first one."""
         return self.recommendation.step
 
     @property
     def recommendation(self) -> Recommendation:
-        return recommendation_for(self.history, self._onset_step)
+        """The checkpoint to keep, by the audit's rule (:func:`diffaudit.onset.recommendation_for`: the best sample
+        quality in the stop window [tau_gen, onset) when quality was measured, else held-out loss)."""
+        return recommendation_for(self.history, self._onset_step, self._primary_name())
+
+    @property
+    def tau_gen(self) -> Optional[int]:
+        """When sample quality reached its plateau (:func:`diffaudit.onset.tau_gen`); None before it is seen."""
+        name = self._primary_name()
+        return tau_gen([c.step for c in self.history], [quality_of(c, name) for c in self.history])
+
+    def _primary_name(self) -> Optional[str]:
+        return self._ref.primary.name if self._ref is not None else None
 
     @property
     def metrics(self) -> dict[str, float]:

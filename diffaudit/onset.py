@@ -232,6 +232,12 @@ def verdict(checkpoints: Sequence, onset) -> Verdict:
     if e is not None:
         lines.append(f"At the last checkpoint (step {fmt_step(last.step)}), {fmt_pct(e.value)} of generated samples"
                      f"{ci_sentence(e)} {_copy_words(metric, emb, last)}.")
+    if onset.tau_gen is not None:
+        end = f"the onset at step {fmt_step(onset.onset_step)}" if onset.onset_step is not None else "the last checkpoint"
+        lines.append(f"Sample quality reaches its plateau at step {fmt_step(onset.tau_gen)} (tau_gen)"
+                     + (", no earlier than memorization starts: there is no checkpoint that generalizes well and "
+                        "does not copy yet." if onset.window_empty else
+                        f"; the stop window runs from there to {end}."))
     keep_ck = next((c for c in cks if c.step == onset.recommended_step), None)
     reason = (onset.recommended_reason or "").strip().rstrip(".")
     if keep_ck is not None:
@@ -263,10 +269,71 @@ def onset_of(rule: OnsetRule, checkpoints: Sequence) -> Optional[int]:
     return rule.detect([c.step for c in sampled], [c.onset_signal.low for c in sampled])
 
 
-def recommendation_for(checkpoints: Sequence, onset_step: Optional[int]) -> Recommendation:
-    """:func:`recommend_checkpoint` over checkpoint results."""
+def quality_of(ck, embedder: Optional[str] = None):
+    """The sample-quality Estimate the stop window reads at checkpoint ``ck``: the Frechet distance under
+    ``embedder`` (default: the first embedder that has one); None when not measured."""
+    names = [embedder] if embedder else list(ck.metrics)
+    for name in names:
+        em = ck.metrics.get(name)
+        q = getattr(em, "quality", None) if em is not None else None
+        if q is not None and q.fd is not None and _valid(q.fd.value):
+            return q.fd
+    return None
+
+
+def tau_gen(steps: Sequence[int], fds: Sequence) -> Optional[int]:
+    """When sample quality reaches its plateau (Bonnaire, Urfin, Biroli & Mezard 2025, tau_gen): the first evaluated
+    step whose quality is within its confidence interval of the best quality the run reaches, i.e. whose Frechet
+    distance CI lower bound is at or below the lowest FD of any checkpoint. None without quality measurements.
+    ``fds``: per step an Estimate (value, low, high) or None."""
+    hist = [(s, e) for s, e in _sorted_history(steps, fds, "fds") if e is not None and _valid(e.value)]
+    if not hist:
+        return None
+    best = min(float(e.value) for _, e in hist)
+    for s, e in hist:
+        low = float(e.low) if _valid(e.low) else float(e.value)
+        if low <= best:
+            return s
+    return None  # pragma: no cover - the best checkpoint itself qualifies
+
+
+def recommend_in_window(steps: Sequence[int], fds: Sequence, onset_step: Optional[int],
+                        tau_gen_step: Optional[int]) -> Recommendation:
+    """The checkpoint to keep by the stop window [tau_gen, tau_mem) (Bonnaire et al. 2025; Favero et al. 2025):
+    the best-quality (lowest FD) checkpoint at or after ``tau_gen_step`` and strictly before ``onset_step`` (the
+    memorization onset, tau_mem; no onset: up to the last checkpoint). When the window is empty -- memorization
+    starts before quality plateaus -- the best-quality checkpoint before the onset, and the reason says so; None
+    when the onset is at the first checkpoint."""
+    hist = [(s, e) for s, e in _sorted_history(steps, fds, "fds") if e is not None and _valid(e.value)]
+    before = [(s, e) for s, e in hist if onset_step is None or s < int(onset_step)]
+    end = "the last checkpoint" if onset_step is None else f"the memorization onset at step {int(onset_step)}"
+    window = [(s, e) for s, e in before if tau_gen_step is not None and s >= int(tau_gen_step)]
+    if window:
+        s, e = min(window, key=lambda p: (float(p[1].value), -p[0]))
+        return Recommendation(s, f"best sample quality (Frechet distance {float(e.value):.4g}) in the stop window "
+                                 f"from quality's plateau at step {int(tau_gen_step)} to {end}")
+    if onset_step is None:  # no plateau found (no quality CI at all): the best quality of the run
+        s, e = min(before, key=lambda p: (float(p[1].value), -p[0]))
+        return Recommendation(s, f"best sample quality of the run (Frechet distance {float(e.value):.4g})")
+    if not before:
+        return Recommendation(None, f"{end} comes before any checkpoint with measured quality; evaluate earlier "
+                                    "checkpoints or retrain with fewer steps / more data")
+    s, e = min(before, key=lambda p: (float(p[1].value), -p[0]))
+    return Recommendation(s, f"the stop window is empty: memorization starts (step {int(onset_step)}) no later than "
+                             f"sample quality reaches its plateau (step {tau_gen_step}); best compromise: the best "
+                             f"quality before the onset (Frechet distance {float(e.value):.4g})")
+
+
+def recommendation_for(checkpoints: Sequence, onset_step: Optional[int], quality_embedder: Optional[str] = None
+                       ) -> Recommendation:
+    """The checkpoint to keep: by the stop window when sample quality was measured (:func:`recommend_in_window`),
+    else by held-out denoising loss before the onset (:func:`recommend_checkpoint`)."""
+    steps = [c.step for c in checkpoints]
+    fds = [quality_of(c, quality_embedder) for c in checkpoints]
+    if any(f is not None for f in fds):
+        return recommend_in_window(steps, fds, onset_step, tau_gen(steps, fds))
     return recommend_checkpoint(
-        [c.step for c in checkpoints], onset_step, heldout_losses=[c.loss_heldout for c in checkpoints],
+        steps, onset_step, heldout_losses=[c.loss_heldout for c in checkpoints],
         signal_values=[c.onset_signal.value if c.onset_signal is not None else None for c in checkpoints])
 
 
@@ -278,11 +345,14 @@ def onset_info(rule: OnsetRule, checkpoints: Sequence, *, copy_rule: str, signal
 
     if not decided:
         onset_step = onset_of(rule, checkpoints)
-    rec = recommendation_for(checkpoints, onset_step)
+    rec = recommendation_for(checkpoints, onset_step, signal_embedder)
+    fds = [quality_of(c, signal_embedder) for c in checkpoints]
+    tg = tau_gen([c.step for c in checkpoints], fds)
     return OnsetInfo(signal=f"{signal_metric}[{signal_embedder}]", threshold=rule.threshold, patience=rule.patience,
                      confidence=rule.confidence, onset_step=onset_step, recommended_step=rec.step,
                      recommended_reason=rec.reason, copy_rule=copy_rule, signal_metric=signal_metric,
-                     signal_embedder=signal_embedder)
+                     signal_embedder=signal_embedder, tau_gen=tg,
+                     window_empty=tg is not None and onset_step is not None and int(onset_step) <= tg)
 
 
 #: how the onset rule reads in provenance records

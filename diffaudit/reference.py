@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 #: byte budget for keeping the denoising-loss images decoded in memory between checkpoints
 LOSS_CACHE_BYTES = 256 * 2**20
+#: samples per checkpoint in the report's grid of the same seeds across checkpoints
+GRID_SAMPLES = 16
+#: most real images the quality metrics compare samples with (a seeded random subset of larger sets)
+QUALITY_MAX_REAL = 2048
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -50,6 +54,10 @@ class EmbedderReference:
     heldout_top1: Optional[np.ndarray]  # (m,) held-out images' top-1 score to train
     heldout_nn: Optional[np.ndarray] = None
     groups: Optional[np.ndarray] = None  # (n,) duplicate-group label
+    quality_real: Optional[np.ndarray] = None  # the real vectors sample quality is measured against
+    quality_reference: str = ""  # "heldout" | "train"
+    quality_radii: Optional[np.ndarray] = None  # their k-NN radii (precision / density / coverage)
+    _floors: dict = field(default_factory=dict, repr=False)
 
     @property
     def largest_group(self) -> int:
@@ -72,6 +80,28 @@ class EmbedderReference:
         """Scores -> distances (smaller = closer): identity for l2, 1 - similarity for cosine (clipped to [0, 2]:
         float32 similarities of exact copies can exceed 1 by an ulp, and a negative distance is refused downstream)."""
         return scores if self.metric == "l2" else np.clip(1.0 - scores, 0.0, 2.0)
+
+    def quality(self, fake: np.ndarray, confidence: float = 0.95):
+        """:class:`~diffaudit.results.EmbedderQuality` of sample vectors ``fake`` (None with fewer than k + 1 of them
+        or of the real images)."""
+        from .metrics.quality import PRDC_K, frechet_estimate, frechet_floor, prdc
+        from .results import EmbedderQuality
+
+        real = self.quality_real
+        if real is None or len(fake) <= PRDC_K or len(real) <= PRDC_K:
+            return None
+        fake = np.asarray(fake, np.float64)
+        q = EmbedderQuality(reference=self.quality_reference, num_real=len(real),
+                            fd=frechet_estimate(fake, real, confidence=confidence))
+        p = prdc(real, fake, confidence=confidence, real_radii=self.quality_radii)
+        q.precision, q.recall, q.density, q.coverage = p.precision, p.recall, p.density, p.coverage
+        if self.quality_reference == "heldout":
+            n = int(min(len(fake), self.index.ntotal))
+            if n not in self._floors:  # training images against the held-out set, at the samples' n
+                self._floors[n] = frechet_floor(self.index.get_vectors(0, self.index.ntotal), real, n)
+            q.fd_floor, q.floor_n = self._floors[n], n
+            q.fd_at_floor_n = q.fd.value if n == len(fake) else frechet_floor(fake, real, n)
+        return q
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest training images of each vector, in the embedder's own distance (:func:`search`)."""
@@ -156,17 +186,21 @@ class ReferenceSet:
             outlier = ref_dist[:, : min(outlier_k, k)].mean(axis=1)
             knn_mean = ref_dist[:, : min(CARLINI_N, k)].mean(axis=1) if emb.metric == "l2" else None
             h_top1 = h_nn = None
+            real, real_name = e_train.vectors, "train"
             if self.heldout is not None:
                 e_h = embed(self.heldout, emb, cache_dir=cache_dir, progress=progress)
                 skipped += [Skipped(i, r, "heldout") for i, r in e_h.skipped]
                 hs, hi = search(index, emb, e_h.vectors, 1)
                 h_top1, h_nn = hs[:, 0], hi[:, 0]
+                real, real_name = e_h.vectors, "heldout"
+            real, radii = _quality_reference(real)
             skipped += [Skipped(i, r, "train") for i, r in e_train.skipped]
             self.refs.append(
                 EmbedderReference(
                     embedder=emb, rule=rule, train_ids=list(e_train.ids), index=index, self_scores=s_scores,
                     self_indices=s_idx, duplicates=dup.astype(int), outlier=outlier, knn_mean=knn_mean,
-                    heldout_top1=h_top1, heldout_nn=h_nn, groups=groups,
+                    heldout_top1=h_top1, heldout_nn=h_nn, groups=groups, quality_real=real,
+                    quality_reference=real_name, quality_radii=radii,
                 )
             )
         self.skipped = Skipped.unique(skipped)  # each embedder reports the same decode failures: keep one each
@@ -188,6 +222,18 @@ class ReferenceSet:
             if got[1].nbytes + sum(v[1].nbytes for v in self._loss_cache.values()) <= LOSS_CACHE_BYTES:
                 self._loss_cache[key] = got
         return got
+
+
+def _quality_reference(vectors: np.ndarray):
+    """(real vectors, their k-NN radii) for the quality metrics: at most QUALITY_MAX_REAL, a seeded subset."""
+    from .metrics.quality import PRDC_K, knn_radii
+
+    v = np.asarray(vectors, np.float64)
+    if len(v) > QUALITY_MAX_REAL:
+        v = v[np.sort(np.random.default_rng(0).choice(len(v), QUALITY_MAX_REAL, replace=False))]
+    if len(v) <= PRDC_K:
+        return None, None
+    return v, knn_radii(v)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,6 +296,7 @@ def evaluate_samples(
             m.heldout_ct_z = ct_statistic(d[:, 0], r.as_distance(r.heldout_top1))
         auth, _ = authenticity(d[:, 0], nn[:, 0].astype(np.int64), r.as_distance(r.self_scores[:, 0]), confidence=confidence)
         m.authenticity = auth.value
+        m.quality = r.quality(e.vectors, confidence)
         order = np.argsort(got.rank, kind="stable")[:gallery_size]
         ratio = got.ratio
         m.top_matches = [
@@ -409,6 +456,8 @@ def evaluate_checkpoint(
         paths = [sample_path(int(i)) for i in idx] if sample_path is not None else None
         se = evaluate_samples(ref, batch.images[finite], sample_paths=paths, sample_indices=idx,
                               confidence=confidence, gallery_size=gallery_size)
+        if sample_path is not None:  # the same seeds at every checkpoint: the report's sample grid
+            cr.grid = [sample_path(int(i)) for i in np.sort(idx)[:GRID_SAMPLES]]
         cr.num_samples = int(finite.size)
         cr.num_nonfinite = int((~finite).sum())
         cr.metrics = se.metrics

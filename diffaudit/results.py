@@ -44,6 +44,28 @@ class SampleMatch(JsonMixin):
 
 
 @dataclass
+class EmbedderQuality(JsonMixin):
+    """Sample quality of one checkpoint under one embedder, against real images (``diffaudit.metrics.quality``).
+
+    ``reference``: "heldout" (the held-out set) or "train" (no held-out set: quality against the training set, where
+    copies score well). ``fd``: Frechet distance of the samples with a bootstrap CI. ``fd_floor``: FD of ``floor_n``
+    training images against the held-out set (what real data reaches), beside ``fd_at_floor_n``, the samples' FD at
+    the same n (FD is biased by n). Precision / recall (Kynkaanniemi et al. 2019), density / coverage (Naeem et
+    al. 2020), k = 5."""
+
+    reference: str
+    num_real: int
+    fd: Optional[Estimate] = None
+    fd_floor: Optional[float] = None
+    floor_n: int = 0
+    fd_at_floor_n: Optional[float] = None
+    precision: Optional[Estimate] = None
+    recall: Optional[Estimate] = None
+    density: Optional[Estimate] = None
+    coverage: Optional[Estimate] = None
+
+
+@dataclass
 class EmbedderMetrics(JsonMixin):
     """Metrics of one checkpoint's samples under one embedder. None = not applicable / not computed."""
 
@@ -71,6 +93,7 @@ class EmbedderMetrics(JsonMixin):
     extraction_fraction: Optional[Estimate] = None
     calibrated_ratio_median: Optional[float] = None
     top_matches: list[SampleMatch] = field(default_factory=list)  # most-copied samples first
+    quality: Optional[EmbedderQuality] = None  # sample quality against real images (generalization)
 
 
 @dataclass
@@ -85,6 +108,7 @@ class CheckpointResult(JsonMixin):
     loss_gap: Optional[float] = None  # heldout - train (> 0: train images fit better)
     membership_auc: Optional[float] = None  # train vs held-out separation by per-image loss
     onset_signal: Optional[Estimate] = None  # the value the onset rule looked at
+    grid: list[str] = field(default_factory=list)  # kept PNGs of the first samples (same seeds at every checkpoint)
 
 
 @dataclass
@@ -170,6 +194,8 @@ class OnsetInfo(JsonMixin):
     copy_rule: str = ""
     signal_metric: str = ""
     signal_embedder: str = ""
+    tau_gen: Optional[int] = None  # when sample quality reached its plateau (diffaudit.onset.tau_gen)
+    window_empty: bool = False  # memorization started before quality plateaued: no step in [tau_gen, onset)
 
     def __post_init__(self) -> None:
         # results written before the structured fields existed: read them off the display text "metric[embedder]"
@@ -527,3 +553,42 @@ class LooResult(JsonMixin):
         from .report.loo import render_loo
 
         return render_loo(self, path, images=images, **kw)
+
+
+# ------------------------------------------------------------------------------------------ disjoint-split test
+
+
+@dataclass
+class CompareCheckpoint(JsonMixin):
+    """One matched step of the disjoint-split test (:func:`diffaudit.compare.compare_runs`)."""
+
+    step: int
+    num_samples: int  # seeds with finite samples in both runs
+    agreement: Estimate  # share of seeds whose two samples are closer to each other than to any training image
+    copies_a: Estimate  # share of A's samples copying an image of A's training set (Gu et al.'s 1/3 rule)
+    copies_b: Estimate
+    median_distance_ab: Optional[float] = None
+    median_distance_train: Optional[float] = None  # median distance to the nearest training image of either set
+    num_nonfinite: int = 0
+
+
+@dataclass
+class CompareResult(JsonMixin):
+    """The disjoint-split test over the steps both runs have (Kadkhodaie et al. 2024)."""
+
+    checkpoints: list[CompareCheckpoint]
+    embedder: str
+    num_samples: int
+    seed: int
+    run_a: str = ""
+    run_b: str = ""
+    train_a: str = ""
+    train_b: str = ""
+    num_train_a: int = 0
+    num_train_b: int = 0
+    shared_train_images: int = 0  # identical images in both training sets (0 for a disjoint split)
+
+    def to_html(self, path: str | os.PathLike | None = None) -> str:
+        from .report.compare import render_compare
+
+        return render_compare(self, path=path)

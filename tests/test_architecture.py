@@ -18,15 +18,14 @@ PKG = ROOT / "diffaudit"
 LAYERS = [
     ["cli", "watch", "integrations", "demo", "testing", "__main__"],
     ["report"],
-    ["audit", "monitor", "curate", "membership", "loo", "reference", "training"],
+    ["audit", "monitor", "curate", "membership", "loo", "reference", "training", "compare"],
     ["onset"],
     ["metrics"],
     ["embedders", "index", "cache", "distributed"],
     ["data", "checkpoints", "sampling"],
     ["results", "_serial", "_util", "_format"],
 ]
-ALLOWED_UPWARD = {("diffaudit.results", "diffaudit.report"), ("diffaudit.results", "diffaudit.report.gallery"),
-                  ("diffaudit.results", "diffaudit.report.loo")}
+ALLOWED_UPWARD = {("diffaudit.results", f"diffaudit.report{m}") for m in ("", ".gallery", ".loo", ".compare")}
 
 
 def _module_name(path: Path) -> str:

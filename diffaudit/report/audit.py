@@ -343,8 +343,10 @@ def _swatch(color: str, dash: str = "", kind: str = "line") -> Markup:
 
 def line_chart(series: Sequence[Series], *, steps: Sequence[float], title: str, fmt: Callable[[Any], str],
                percent: bool = False, onset: float | None = None, keep: float | None = None,
-               hlines: Sequence[HLine] = (), width: int = 560, height: int = 240) -> Markup:
-    """An inline SVG line chart over training steps. Every label is escaped; colours come from the palette."""
+               hlines: Sequence[HLine] = (), window: tuple[float, float] | None = None, width: int = 560,
+               height: int = 240) -> Markup:
+    """An inline SVG line chart over training steps. Every label is escaped; colours come from the palette.
+    ``window``: the stop window ``(tau_gen, end)`` drawn as a shaded band."""
     L, R, T, B = 52, 14, 36, 34
     pw, ph = width - L - R, height - T - B
     xs = sorted({float(s) for s in steps})
@@ -391,6 +393,11 @@ def line_chart(series: Sequence[Series], *, steps: Sequence[float], title: str, 
                    f"{esc(fmt_short_step(t))}</text>")
     out.append(f'<text class="axis-label" x="{L + pw}" y="{height - 3}" text-anchor="end">training step</text>')
     out.append(f'<line class="axis" x1="{L}" x2="{L + pw}" y1="{T + ph}" y2="{T + ph}"/>')
+    if window is not None and window[1] > window[0]:
+        wa, wb = X(max(x0, window[0])), X(min(x1, window[1]))
+        out.append(f'<rect class="window" x="{wa}" y="{T}" width="{max(0.0, round(wb - wa, 2))}" height="{ph}" '
+                   f'fill="{KEEP_COLOR}" fill-opacity="0.10"><title>stop window: quality plateau (step '
+                   f'{esc(fmt_step(window[0]))}) to onset</title></rect>')
     # reference lines
     for h in hlines:
         if _f(h.y) is None:
@@ -495,6 +502,11 @@ def _pts(cks, get) -> list[tuple[float, float | None, float | None, float | None
     return out
 
 
+def _q(c: CheckpointResult, name: str, attr: str):
+    q = getattr(c.metrics.get(name), "quality", None) if name in c.metrics else None
+    return getattr(q, attr, None) if q is not None else None
+
+
 def _has(pts) -> bool:
     return any(p[1] is not None for p in pts)
 
@@ -512,12 +524,16 @@ def _charts(result: AuditResult, cks: list[CheckpointResult], colors: dict[str, 
     def m_get(name: str, attr: str):
         return lambda c: getattr(c.metrics.get(name), attr, None) if name in c.metrics else None
 
+    window = None
+    if on.tau_gen is not None and not on.window_empty:
+        window = (float(on.tau_gen), float(onset) if onset is not None else float(max(steps)) if steps else 0.0)
+
     def add(key, title, subtitle, series, *, fmt, percent=False, hlines=()):
         series = [s for s in series if _has(s.points)]
         if not series:
             return False
         svg = line_chart(series, steps=steps, title=title, fmt=fmt, percent=percent, onset=onset, keep=keep,
-                         hlines=hlines)
+                         hlines=hlines, window=window)
         legend = [{"label": s.label, "sw": _swatch(s.color, s.dash, "band" if s.band and any(
             p[2] is not None for p in s.points) else "line")} for s in series]
         legend += [{"label": h.label, "sw": _swatch(h.color, h.dash)} for h in hlines if _f(h.y) is not None]
@@ -543,6 +559,30 @@ def _charts(result: AuditResult, cks: list[CheckpointResult], colors: dict[str, 
         if add(metric, title, sub, series, fmt=fmt_pct, percent=True, hlines=hl) and hl:
             signal_charted = True
 
+    # sample quality (generalization): Frechet distance with the real-data floor, precision / recall / ...
+    for n in names:
+        q0 = next((c.metrics[n].quality for c in cks if n in c.metrics and c.metrics[n].quality is not None), None)
+        if q0 is None:
+            continue
+        vs = "held-out images" if q0.reference == "heldout" else "the TRAINING images (no held-out set: copies score well)"
+        floor = [HLine(q0.fd_floor, f"real-data floor: {q0.floor_n} training vs held-out images")] \
+            if q0.fd_floor is not None else []
+        series = [Series(f"{n}: samples", _pts(cks, lambda c, n=n: _q(c, n, "fd")), colors[n])]
+        if q0.fd_floor is not None and q0.floor_n != q0.fd.n:
+            series.append(Series(f"{n}: samples at n = {q0.floor_n} (comparable with the floor)",
+                                 _pts(cks, lambda c, n=n: _q(c, n, "fd_at_floor_n")), colors[n], dash="5 3",
+                                 band=False))
+        add(f"fd-{n}", f"Sample quality: Frechet distance — {n}",
+            f"Frechet distance of the samples to {vs} in {n} features (Heusel et al. 2017; lower is better; shaded: "
+            "bootstrap confidence interval). Quality reaches its plateau at tau_gen (Bonnaire et al. 2025); the "
+            "green band is the stop window from there to the memorization onset.", series, fmt=fmt_num,
+            hlines=floor)
+        add(f"prdc-{n}", f"Precision, recall, density, coverage — {n}",
+            f"Against {vs}, k = 5 (Kynkaanniemi et al. 2019; Naeem et al. 2020): precision = samples on the real "
+            "manifold, recall = real images on the samples' manifold, coverage = real images with a sample nearby.",
+            [Series(lab, _pts(cks, lambda c, n=n, a=a: _q(c, n, a)), PALETTE[i % len(PALETTE)], band=a != "density")
+             for i, (lab, a) in enumerate((("precision", "precision"), ("recall", "recall"), ("density", "density"),
+                                           ("coverage", "coverage")))], fmt=fmt_num)
     frac("memorization_ratio", "Memorization ratio",
          "Share of samples whose nearest training image is over 3× closer than the second nearest "
          "(Gu et al. 2023). Shaded: confidence interval.")
@@ -776,6 +816,8 @@ def _context(result: AuditResult, thumbs: _Thumbs, *, title, max_gallery, galler
          "first checkpoint of confirmed memorization"),
         ("At last checkpoint", fmt_pct(e_last.value) if e_last is not None else "—",
          f"of samples copied (step {fmt_step(last.step)})" if last is not None else ""),
+        ("Quality plateau", f"step {fmt_step(on.tau_gen)}" if on.tau_gen is not None else "—",
+         "tau_gen; stop window empty" if on.window_empty else "tau_gen: start of the stop window"),
         ("Keep", f"step {fmt_step(keep_ck.step)}" if keep_ck is not None else
          (f"step {fmt_step(on.recommended_step)}" if on.recommended_step is not None else "none"),
          "recommended checkpoint"),
@@ -786,6 +828,11 @@ def _context(result: AuditResult, thumbs: _Thumbs, *, title, max_gallery, galler
     ]
     galleries, capped = _galleries(cks, thumbs, onset=on.onset_step, keep=on.recommended_step,
                                    max_gallery=max_gallery, gallery_budget=gallery_budget)
+    grid = [{"step": c.step, "tags": [w for w, hit in (("onset", c.step == on.onset_step),
+                                                       ("tau_gen", c.step == on.tau_gen),
+                                                       ("recommended", c.step == on.recommended_step)) if hit],
+             "thumbs": [thumbs.get("sample", p, f"sample {p} at step {c.step}", "not kept") for p in c.grid]}
+            for c in cks if c.grid]
     sprites = thumbs.sprites()
     skipped = list(result.skipped)
     by_where: dict[str, int] = {}
@@ -807,6 +854,7 @@ def _context(result: AuditResult, thumbs: _Thumbs, *, title, max_gallery, galler
         + [{"label": "confidence interval", "sw": _swatch(REF_COLOR, kind="band")}],
         "ckpt_table": _checkpoint_rows(cks, list(colors), on.onset_step, on.recommended_step),
         "galleries": galleries,
+        "grid": grid,
         "sprites": sprites,
         "gallery_capped": capped,
         "max_gallery": max_gallery,
