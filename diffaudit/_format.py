@@ -59,3 +59,13 @@ def ci_sentence(e: Any) -> str:
     if e.n:
         bits.append(f"n = {int(e.n):,}")
     return f" ({', '.join(bits)})" if bits else ""
+
+
+def safe_text(value: Any) -> str:
+    """``value`` as one terminal-safe line: control characters (ESC, CR, newlines, C1 codes, DEL, ...) written as
+    escapes (``\\x1b``, ``\\n``), so a file name cannot move the cursor, clear the screen or forge a new line."""
+    s = str(value)
+    if all(" " <= ch < "\x7f" or ch > "\x9f" for ch in s):
+        return s
+    return "".join(ch if (" " <= ch < "\x7f" or ch > "\x9f") else ch.encode("unicode_escape").decode("ascii")
+                   for ch in s)

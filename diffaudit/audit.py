@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -84,6 +85,14 @@ class AuditConfig:
             ("onset_patience", self.onset_patience >= 1, "an integer >= 1"),
             ("onset_threshold", 0 <= self.onset_threshold < 1, "a fraction in [0, 1)"),
             ("confidence", 0 < self.confidence < 1, "a number in (0, 1)"),
+            ("seed", isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
+             "a non-negative integer"),
+            ("guidance_scale", math.isfinite(self.guidance_scale), "a finite number"),
+            ("eta", math.isfinite(self.eta) and 0 <= self.eta <= 1, "a number in [0, 1]"),
+            ("loss_max_images", self.loss_max_images >= 1, "an integer >= 1"),
+            ("loss_noise_draws", self.loss_noise_draws >= 1, "an integer >= 1"),
+            ("seeds_per_prompt", self.seeds_per_prompt >= 1, "an integer >= 1"),
+            ("gallery_size", self.gallery_size >= 0, "an integer >= 0"),
             ("embedders", len(self.embedders) >= 1, "at least one embedder spec"),
         ]
         for name, ok, allowed in checks:
@@ -98,8 +107,9 @@ class AuditConfig:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config={str(p)!r}: no such file")
+        _UniqueKeyLoader = _unique_key_loader()
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:  # one line: the problem and where (PyYAML's own text spans several lines)
             mark = getattr(e, "problem_mark", None)
             what = getattr(e, "problem", None) or " ".join(str(e).split())
@@ -125,6 +135,24 @@ class AuditConfig:
         return self.from_dict({**dataclasses.asdict(self), **kw})
 
 
+def _unique_key_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """``yaml.SafeLoader`` that refuses a key given twice (PyYAML would keep the last one silently)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
 _SIMPLE_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
 
 
@@ -148,18 +176,53 @@ def _check_type(key: str, value: Any, tp: str, where: str) -> None:
 
 def ensure_writable(path: str | os.PathLike, min_free_mb: int = 50) -> Path:
     """Create the output folder and prove it is writable with enough free space -- before hours of work."""
+    from .data import OUTPUT_MARKER
+
     p = Path(path)
     try:
         p.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".diffaudit-write-test-", dir=p)
         os.close(fd)
         os.unlink(probe)
+        (p / OUTPUT_MARKER).touch()  # later scans of a folder above this one leave it out
     except OSError as e:
         raise PermissionError(f"output folder {str(p)!r} is not writable: {e.strerror or e}") from None
     free_mb = shutil.disk_usage(p).free / 2**20
     if free_mb < min_free_mb:
         raise OSError(f"output folder {str(p)!r} has only {free_mb:.0f} MB free; need at least {min_free_mb} MB")
     return p
+
+
+def _folder_of(images) -> Optional[Path]:
+    if isinstance(images, (str, os.PathLike)):
+        return Path(images)
+    src = str(getattr(images, "source", ""))
+    return Path(src[len("folder:"):]) if src.startswith("folder:") else None
+
+
+def check_outside_inputs(out_dir, **inputs) -> None:
+    """Refuse an output folder inside (or equal to) an input folder: its samples would be read as training or
+    held-out images by the next audit. One line naming both."""
+    out = Path(out_dir).resolve()
+    for name, images in inputs.items():
+        folder = _folder_of(images)
+        if folder is None:
+            continue
+        f = folder.resolve()
+        if out == f or f in out.parents:
+            raise ValueError(f"out_dir={str(out_dir)!r} is inside {name}={str(folder)!r}: diffaudit's outputs must "
+                             f"never become its inputs; choose an output folder outside the {name} folder")
+
+
+def check_split(train, heldout) -> None:
+    """Refuse a held-out folder that is the training folder or inside it (or the other way round)."""
+    a, b = _folder_of(train), _folder_of(heldout)
+    if a is None or b is None:
+        return
+    ra, rb = a.resolve(), b.resolve()
+    if ra == rb or ra in rb.parents or rb in ra.parents:
+        raise ValueError(f"heldout={str(b)!r} and train={str(a)!r} overlap as folders: held-out images must be images "
+                         "the model never trained on (the loss gap, C_T test and membership AUC compare the two)")
 
 
 def _progress(enabled: bool):
@@ -217,6 +280,9 @@ def audit(
     if train_set is None:
         raise ValueError("audit: train= is required (an ImageSet or a folder of training images)")
 
+    if out_dir is not None:
+        check_outside_inputs(out_dir, train=train_set, heldout=heldout_set)
+    check_split(train_set, heldout_set)
     out_path = ensure_writable(out_dir) if out_dir is not None else None
     if isinstance(checkpoints, CheckpointRun):
         run = checkpoints
@@ -295,8 +361,8 @@ def audit(
                  "scheduler": run.scheduler_source, "batch_size": cfg.batch_size, "prompts": cfg.prompts or ""},
         extra={"onset_rule": ONSET_RULE_TEXT})
     result = AuditResult(checkpoints=results, onset=onset, images=risk_table(ref, copies, membership),
-                         skipped=skipped, provenance=prov)
-    result.verdict = verdict(results, onset).text
+                         skipped=skipped, provenance=prov, warnings=list(ref.warnings))
+    result.verdict = " ".join([verdict(results, onset).text, *(f"Warning: {w}." for w in result.warnings)])
     if out_path is not None:
         write_outputs(result, out_path, ref=ref)
     return result

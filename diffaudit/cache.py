@@ -239,18 +239,20 @@ class EmbeddingCache:
             if len(counts) > 1:
                 log.warning("embedding cache for %r holds vectors of dims %s; using dim %d",
                             embedder_name, sorted(counts), dim)
-        wanted = {k: i for i, k in enumerate(keys)}
+        wanted: dict[str, list[int]] = {}  # a key may stand at several positions (byte-identical files)
+        for i, k in enumerate(keys):
+            wanted.setdefault(k, []).append(i)
         src: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (shard vectors, shard rows, output positions)
         for skeys, svec in shards.values():
             if svec.shape[1] != dim:
                 continue
             rows, outs = [], []
             for r, k in enumerate(skeys.tolist()):
-                j = wanted.get(k)
-                if j is not None and not found[j]:
-                    found[j] = True
-                    rows.append(r)
-                    outs.append(j)
+                for j in wanted.get(k, ()):
+                    if not found[j]:
+                        found[j] = True
+                        rows.append(r)
+                        outs.append(j)
             if rows:
                 src.append((svec, np.asarray(rows), np.asarray(outs)))
         pos = np.cumsum(found) - 1  # key position -> row among the found keys

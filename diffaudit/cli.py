@@ -12,6 +12,33 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
+
+from ._format import safe_text
+
+
+class _SafeConsole(Console):
+    """A console that prints strings as plain text: no rich markup is parsed in them (a path with ``[/x]`` or an
+    install hint ``diffaudit[onnx]`` prints as it is) and control characters are escaped (:func:`safe_text`).
+    Styled output is passed as ``rich.text.Text``; tables and other renderables pass through."""
+
+    def print(self, *objects, **kw):  # noqa: A003 - rich's name
+        kw.setdefault("highlight", False)
+        kw["markup"] = False
+        super().print(*[Text(safe_text(o)) if isinstance(o, str) else o for o in objects], **kw)
+
+
+class _SafeLogs(logging.Filter):
+    """Escape control characters in every log line (messages carry file names and other user text)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = safe_text(record.getMessage()), None
+        return True
+
+
+def _error(text: str) -> Text:
+    return Text.assemble(("error:", "bold red"), " ", safe_text(text))
+
 
 app = typer.Typer(
     add_completion=False,
@@ -19,8 +46,8 @@ app = typer.Typer(
     help="Audit diffusion models for memorization of their training data.",
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
-out = Console()
+console = _SafeConsole(stderr=True)
+out = _SafeConsole()
 
 #: exit status of `diffaudit watch` when memorization onset is confirmed (distinct from errors = 2)
 EXIT_ONSET = 3
@@ -33,8 +60,14 @@ def _fail(exc: BaseException) -> None:
     msg = str(exc) or type(exc).__name__
     if isinstance(exc, KeyError):
         msg = str(exc.args[0]) if exc.args else msg
-    console.print(f"[bold red]error:[/] {type(exc).__name__}: {msg}", highlight=False, markup=True, soft_wrap=True)
+    console.print(_error(f"{type(exc).__name__}: {msg}"), soft_wrap=True)
+    if not isinstance(exc, _EXPECTED):
+        console.print("(an unexpected error: run again with --debug for the traceback)", soft_wrap=True)
     raise typer.Exit(2)
+
+
+_EXPECTED = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ModuleNotFoundError, RuntimeError,
+             KeyError, OSError, TypeError)
 
 
 def _guard(fn):
@@ -48,10 +81,9 @@ def _guard(fn):
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/]")
+            console.print(Text("interrupted", style="yellow"))
             raise typer.Exit(130)
-        except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ModuleNotFoundError,
-                RuntimeError, KeyError, OSError, TypeError) as exc:
+        except Exception as exc:  # the last resort: any error is one line (expected ones without the hint)
             _fail(exc)
 
     return wrapper
@@ -68,8 +100,10 @@ def _root(
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
+        handlers=[RichHandler(console=console, show_path=False, markup=False)],
     )
+    for h in logging.getLogger().handlers:
+        h.addFilter(_SafeLogs())
 
 
 def _check_out_dir(path: Path) -> Path:
@@ -194,8 +228,13 @@ def audit_cmd(
         raise ValueError("audit: give a RUN folder (argument) or `run:` in --config")
     if not cfg.train:
         raise ValueError("audit: give --train DIR (folder of training images) or `train:` in --config")
+    from .audit import check_outside_inputs
+
+    check_outside_inputs(out_dir, train=cfg.train, heldout=cfg.heldout)
     out_dir = _check_out_dir(out_dir)
     result = audit(config=cfg, out_dir=out_dir, progress=True)
+    for w in result.warnings:
+        console.print(Text.assemble(("warning:", "bold yellow"), " ", safe_text(w)), soft_wrap=True)
     out.print(result.verdict, soft_wrap=True, highlight=False)
     out.print(f"report: {out_dir / 'report.html'}", soft_wrap=True, highlight=False)
 
@@ -306,8 +345,8 @@ def watch_cmd(
             except Exception as exc:  # the STOP marker and the exit status must not depend on the report
                 if _state["debug"]:
                     raise
-                console.print(f"[bold red]error:[/] could not write the report in {out_dir}: "
-                              f"{type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+                console.print(_error(f"could not write the report in {out_dir}: {type(exc).__name__}: {exc}"),
+                              soft_wrap=True)
         monitor.close()
     if outcome.reason == "onset":
         out.print(f"memorization onset at step {outcome.onset_step}: wrote {outcome.stop_file}", highlight=False,

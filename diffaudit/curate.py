@@ -187,6 +187,7 @@ def find_duplicates(images, embedder: Any = "pixel", threshold: float | None = N
     images = as_imageset(images, "images")
     emb = get_embedder(embedder)
     inv = _check_invariances(invariances, _is_pixel(emb), emb)
+    _check_threshold(threshold, emb.metric)
     E = embed(images, emb, cache_dir=cache_dir, progress=progress)
     n = len(E)
     metric = E.metric
@@ -218,6 +219,15 @@ def _check_search_args(k, threshold) -> None:
         raise ValueError(f"k must be a positive integer; got {k!r}")
     if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
         raise ValueError(f"threshold must be a finite number or None; got {threshold!r}")
+
+
+def _check_threshold(threshold, metric: str) -> None:
+    if threshold is None:
+        return
+    if metric == "l2" and threshold < 0:
+        raise ValueError(f"threshold={threshold!r}: an L2 distance threshold must be >= 0 (0 = exact copies only)")
+    if metric == "cosine" and not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold={threshold!r}: a cosine-similarity threshold must be in [-1, 1]")
 
 
 def duplicate_pairs(E, embedder, *, k: int = 10, threshold: float | None = None,
@@ -492,6 +502,9 @@ def match(queries, reference, embedder: Any = "pixel", k: int = 5, *, cache_dir=
     index = EmbeddingIndex.from_embeddings(R, kind="auto")
     own = getattr(emb, "rescores", False)
     n = len(R)
+    if k > n:  # a request for more neighbours than there are reference images gets all of them (bounded memory)
+        log.info("match: k=%d capped at the %d reference images", k, n)
+        k = n
     if len(Q) == 0:  # no decodable query
         S, I = np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
     elif not own:

@@ -48,9 +48,10 @@ __all__ = ["ImageSet", "Skipped", "ImageDecodeError", "DEFAULT_EXTENSIONS", "DEF
 
 #: Pillow's own default limit (about 89.5 megapixels, a 0.25 GB RGBA image)
 DEFAULT_MAX_PIXELS = 89_478_485
-DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".dib", ".gif", ".tif", ".tiff",
+                      ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".avif", ".qoi", ".jp2", ".j2k", ".jpf", ".jpx")
 #: formats Pillow may use to open a file, whatever its extension (no EPS/PSD/... plugins on untrusted input)
-SAFE_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "DIB", "GIF", "TIFF")
+SAFE_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "DIB", "GIF", "TIFF", "PPM", "TGA", "AVIF", "QOI", "JPEG2000")
 _formats_cache: tuple[str, ...] | None = None
 
 
@@ -61,6 +62,8 @@ def _safe_formats() -> tuple[str, ...]:
         Image.init()
         _formats_cache = tuple(f for f in SAFE_FORMATS if f in Image.OPEN)
     return _formats_cache
+#: a file diffaudit writes into every output folder: scans skip folders holding it, so outputs never become inputs
+OUTPUT_MARKER = ".diffaudit-output"
 #: bump when the decoded pixels of the same file would change (keys the embedding cache)
 DECODE_VERSION = "1"
 
@@ -294,13 +297,33 @@ class _FolderBackend(_Backend):
         return handle.hw
 
     def key(self, handle: _FileItem, id: str) -> str:  # noqa: A002
-        h = hashlib.sha1(b"diffaudit-file-v" + DECODE_VERSION.encode())
-        h.update(handle.rel_bytes + b"\0")
-        h.update(f"{handle.st_size}:{handle.st_mtime_ns}".encode())
-        return h.hexdigest()
+        """A hash of the file's bytes (and the decoder version): two different images never share a key, whatever
+        their names, sizes and times; a file that cannot be read gets a key of its path (it is skipped anyway)."""
+        try:
+            st = os.stat(handle.path)
+        except OSError:
+            st = None
+        memo = (handle.path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev) if st is not None else None
+        got = _CONTENT_KEYS.get(memo) if memo is not None else None
+        if got is None:
+            h = hashlib.blake2b(b"diffaudit-content-v" + DECODE_VERSION.encode(), digest_size=20)
+            try:
+                with open(handle.path, "rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(block)
+            except OSError:
+                h.update(b"unreadable:" + handle.rel_bytes)
+            got = h.hexdigest()
+            if memo is not None:
+                _CONTENT_KEYS[memo] = got
+        return got
 
     def path(self, handle: _FileItem) -> Path:
         return Path(handle.path)
+
+
+#: content keys of files already hashed in this process, by (path, size, mtime, inode, device)
+_CONTENT_KEYS: dict[tuple, str] = {}
 
 
 def _hash_pixels(a: np.ndarray, tag: bytes = b"") -> str:
@@ -490,7 +513,7 @@ def _walk(root: str, recursive: bool, exts: tuple[str, ...]):
     """
     files: list[tuple[str, str]] = []
     skipped: list[Skipped] = []
-    ignored = 0
+    ignored: list[str] = []
     st = os.stat(root)
     visited = {(st.st_dev, st.st_ino)}
     real_queue: collections.deque[tuple[str, str]] = collections.deque([(root, "")])
@@ -539,12 +562,16 @@ def _walk(root: str, recursive: bool, exts: tuple[str, ...]):
                     skipped.append(Skipped(_display_rel(rel_e)[0], f"cannot read directory ({e.strerror or e})"))
                     continue
                 key = (dst.st_dev, dst.st_ino)
+                if os.path.exists(os.path.join(ent.path, OUTPUT_MARKER)):
+                    skipped.append(Skipped(_display_rel(rel_e)[0], "a diffaudit output folder (samples, reports): "
+                                                                   "outputs are never read as inputs"))
+                    continue
                 if key not in visited:
                     visited.add(key)
                     real_queue.append((ent.path, rel_e))
                 continue
             if not name.lower().endswith(exts):
-                ignored += 1
+                ignored.append(_display_rel(rel_e)[0])
                 continue
             files.append((rel_e, ent.path))
     return files, skipped, ignored
@@ -619,11 +646,12 @@ class ImageSet:
             raise ValueError("ids and handles differ in length")
         self.ids: list[str] = list(ids)
         self.skipped: list[Skipped] = list(skipped or [])
+        #: files a folder scan left out because their extension is not an image format (relative paths)
+        self.ignored: list[str] = []
         self.source = source
         self._handles = list(handles)
         self._backend = backend
         self._pos: dict[str, int] | None = None
-        self._keys: list[str] | None = None
         self._skipped_ids = {s.id for s in self.skipped}
         self._skip_lock = threading.Lock()
         #: statistics of the last iter_batches call (decodes in flight), for tests and benchmarks
@@ -644,7 +672,7 @@ class ImageSet:
     ) -> "ImageSet":
         """All images under ``path`` (recursive by default), ids = sorted POSIX paths relative to ``path``.
 
-        Hidden files and folders (names starting with ".") and files with other extensions are ignored. Only image
+        Hidden files and folders (names starting with ".") and files with other extensions are ignored (listed in ``ImageSet.ignored``). Only image
         headers are read here; see ``ImageSet.skipped`` for refused files.
         """
         if not isinstance(max_pixels, (int, np.integer)) or isinstance(max_pixels, bool) or max_pixels < 1:
@@ -688,7 +716,7 @@ class ImageSet:
             details = [f"{len(skipped)} file(s) skipped"]
             if skipped:
                 details[0] += " (e.g. " + "; ".join(f"{s.id}: {s.reason}" for s in skipped[:3]) + ")"
-            details.append(f"{ignored} file(s) with other extensions ignored; allowed: {', '.join(exts)}")
+            details.append(f"{len(ignored)} file(s) with other extensions ignored; allowed: {', '.join(exts)}")
             raise ValueError(msg + ": " + ", ".join(details))
         ids = sorted(items)
         skipped.sort(key=lambda s: s.id)
@@ -697,6 +725,10 @@ class ImageSet:
         s = cls(ids, [items[i] for i in ids], _FolderBackend(root, max_pixels), skipped=skipped,
                 source=f"folder:{root}")
         s._num_workers = workers
+        s.ignored = ignored
+        if ignored:
+            log.info("%s: %d file(s) with other extensions ignored (not images), e.g. %s", root, len(ignored),
+                     ", ".join(ignored[:3]))
         return s
 
     @classmethod
@@ -960,10 +992,13 @@ class ImageSet:
     # -------------------------------------------------------------- keys, subsets
 
     def item_keys(self) -> list[str]:
-        """Per-item cache keys: folder -> sha1(relative path, size, mtime_ns); arrays / datasets -> sha1 of content."""
-        if self._keys is None:
-            self._keys = [self._backend.key(h, i) for h, i in zip(self._handles, self.ids)]
-        return list(self._keys)
+        """Per-item cache keys, computed from the content at every call: files -> a hash of their bytes (memoised
+        per path, size, mtime and inode), arrays / datasets -> a hash of the pixels (an array changed in place gets
+        new keys). Two different images never share a key."""
+        if self._backend.threaded and len(self._handles) > 64:
+            with cf.ThreadPoolExecutor(_default_workers(None)) as ex:
+                return list(ex.map(self._backend.key, self._handles, self.ids))
+        return [self._backend.key(h, i) for h, i in zip(self._handles, self.ids)]
 
     def remote_parts(self) -> tuple[list[str], list, Any, str]:
         """``(ids, per-item handles, decoding backend, source)``: the picklable parts another process (a Ray actor)
@@ -995,8 +1030,6 @@ class ImageSet:
             source=f"{self.source}[subset n={len(ids)}]",
         )
         sub._num_workers = self._num_workers
-        if self._keys is not None:
-            sub._keys = [self._keys[p] for p in pos]
         return sub
 
 

@@ -332,6 +332,9 @@ class MemorizationMonitor:
         step = int(step)
         if step in self._steps:
             raise ValueError(f"evaluate: step={step} was already evaluated (steps so far: {self.evaluated_steps})")
+        if self._steps and step < max(self._steps):
+            raise ValueError(f"evaluate: step={step} is lower than the last evaluated step {max(self._steps)}; "
+                             "training steps must increase (a resumed run: load_state_dict first, then continue)")
         ref = self.reference
         t0 = time.perf_counter()
         net, pipe_sched = _split_model(model_or_pipeline)
@@ -432,6 +435,10 @@ class MemorizationMonitor:
             parts.append(f"loss gap {c.loss_gap:+.4g}")
         elif c.loss_train is not None:
             parts.append(f"train loss {c.loss_train:.4g}")
+        fd = quality_of(c, self._primary_name())
+        if fd is not None:
+            tg = self.tau_gen
+            parts.append(f"FD {fd.value:.4g}" + (f" (quality plateau since step {tg})" if tg is not None else ""))
         if self.stopped:
             rec = self.recommendation
             keep = f"keep step {rec.step}" if rec.step is not None else "no earlier clean checkpoint"

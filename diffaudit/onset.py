@@ -232,6 +232,11 @@ def verdict(checkpoints: Sequence, onset) -> Verdict:
     if e is not None:
         lines.append(f"At the last checkpoint (step {fmt_step(last.step)}), {fmt_pct(e.value)} of generated samples"
                      f"{ci_sentence(e)} {_copy_words(metric, emb, last)}.")
+    failed = [c.step for c in cks if getattr(c, "failed", "")]
+    if failed:
+        lines.append(f"{len(failed)} checkpoint{'s' * (len(failed) != 1)} FAILED and could not be evaluated (step"
+                     f"{'s' * (len(failed) != 1)} {', '.join(fmt_step(s) for s in failed)}: every sample NaN/inf); "
+                     "they count neither as copying nor as clean.")
     if onset.tau_gen is not None:
         end = f"the onset at step {fmt_step(onset.onset_step)}" if onset.onset_step is not None else "the last checkpoint"
         lines.append(f"Sample quality reaches its plateau at step {fmt_step(onset.tau_gen)} (tau_gen)"

@@ -155,6 +155,7 @@ class ReferenceSet:
         self.refs: list[EmbedderReference] = []
         skipped: list[Skipped] = []
         self._loss_cache: dict[tuple, Any] = {}
+        self.warnings: list[str] = []
         names_seen = set()
         resolved = []
         for spec in embedders:  # resolve every spec first: a typo in the 2nd one fails before the 1st one embeds
@@ -194,6 +195,8 @@ class ReferenceSet:
                 h_top1, h_nn = hs[:, 0], hi[:, 0]
                 real, real_name = e_h.vectors, "heldout"
             real, radii = _quality_reference(real)
+            if self.heldout is not None:
+                self._check_leaks(emb, e_train, e_h, s_scores, h_top1)
             skipped += [Skipped(i, r, "train") for i, r in e_train.skipped]
             self.refs.append(
                 EmbedderReference(
@@ -204,6 +207,27 @@ class ReferenceSet:
                 )
             )
         self.skipped = Skipped.unique(skipped)  # each embedder reports the same decode failures: keep one each
+        self.warnings = list(dict.fromkeys(self.warnings))
+
+    def _check_leaks(self, emb, e_train, e_held, self_scores, h_top1) -> None:
+        """A leaky split (FiftyOne's term): held-out images that are files of the training set, or exact /
+        near duplicates of a training image (within the duplicate threshold of find_duplicates)."""
+        from .curate import duplicate_threshold
+
+        t_keys = set(self.train.item_keys())
+        same = [i for i, k in zip(self.heldout.ids, self.heldout.item_keys()) if k in t_keys]
+        if same:
+            self.warnings.append(f"leaky split: {len(same)} of {len(self.heldout)} held-out images are byte-identical "
+                                 f"to training images (e.g. {same[0]!r}); the loss gap, C_T and membership AUC then "
+                                 "measure nothing for them")
+        thr = duplicate_threshold(emb, self_scores)
+        near = (h_top1 <= thr) if emb.metric == "l2" else (h_top1 >= thr)
+        if near.sum() > len(same):
+            self.warnings.append(f"leaky split: {int(near.sum())} of {len(e_held)} held-out images are exact or near "
+                                 f"duplicates of training images under {emb.name} (within the duplicate threshold "
+                                 f"{thr:.4g}); use a held-out set the model never saw")
+        for w in self.warnings:
+            log.warning("%s", w)
 
     @property
     def primary(self) -> EmbedderReference:
@@ -463,7 +487,10 @@ def evaluate_checkpoint(
         cr.metrics = se.metrics
         cr.onset_signal = se.signal
         ev.copied_train_ids = se.copied_train_ids
-        if cr.num_nonfinite:
+        if cr.num_nonfinite and cr.num_nonfinite == cr.num_samples:
+            cr.failed = "every sample is NaN/inf (broken or diverged weights): not evaluated, not counted as 'no copies'"
+            log.warning("step %s: FAILED checkpoint: %s", step, cr.failed)
+        elif cr.num_nonfinite:
             log.warning("step %s: %d of %d samples contain NaN/inf (left out)", step, cr.num_nonfinite, cr.num_samples)
             ev.skipped.append(Skipped(f"{cr.num_nonfinite} samples", "NaN/inf in the generated image",
                                       f"samples@{step}"))

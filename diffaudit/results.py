@@ -108,6 +108,7 @@ class CheckpointResult(JsonMixin):
     loss_gap: Optional[float] = None  # heldout - train (> 0: train images fit better)
     membership_auc: Optional[float] = None  # train vs held-out separation by per-image loss
     onset_signal: Optional[Estimate] = None  # the value the onset rule looked at
+    failed: str = ""  # why the checkpoint could not be evaluated (e.g. every sample NaN/inf); "" = evaluated
     grid: list[str] = field(default_factory=list)  # kept PNGs of the first samples (same seeds at every checkpoint)
 
 
@@ -231,6 +232,7 @@ class AuditResult(JsonMixin):
     skipped: list[Skipped] = field(default_factory=list)
     provenance: Optional[Provenance] = None
     verdict: str = ""
+    warnings: list[str] = field(default_factory=list)  # what makes the numbers less trustworthy (a leaky split, ...)
 
     @property
     def onset_step(self) -> Optional[int]:

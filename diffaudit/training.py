@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -81,10 +81,24 @@ def digits_split(
     return u8[train_idx], u8[heldout_idx], train_idx, heldout_idx
 
 
+#: lists, in the parent folder, the folders of digits :func:`write_pngs` wrote (only those are ever rewritten)
+DIGITS_MARKER = ".diffaudit-digits"
+
+
 def write_pngs(folder: Path, images: np.ndarray, indices: np.ndarray) -> list[str]:
+    """Write the digits as ``<index>.png`` into ``folder``: a new or empty folder, or one this function wrote
+    before (its PNGs of another split are replaced); any other non-empty folder is refused, never cleared."""
     from PIL import Image
 
+    folder = Path(folder)
+    marker = folder.parent / DIGITS_MARKER  # beside the folder, which then holds the PNGs only
+    ours = set(marker.read_text(encoding="utf-8").split("\n")) if marker.is_file() else set()
+    if folder.is_dir() and any(folder.iterdir()) and folder.name not in ours:
+        raise ValueError(f"{str(folder)!r} holds files diffaudit did not write; pass an empty or new output folder "
+                         "(diffaudit never deletes or overwrites files it did not write)")
     folder.mkdir(parents=True, exist_ok=True)
+    if folder.name not in ours:
+        atomic_write_text(marker, "\n".join(sorted(ours - {""} | {folder.name})) + "\n")
     ids = [f"{int(i):04d}.png" for i in indices]
     wanted = set(ids)
     for stale in folder.glob("*.png"):  # a re-run with another split must not leave old digits behind
@@ -152,6 +166,7 @@ def train_digits_ddpm(
     num_threads: Optional[int] = None,
     progress: bool = False,
     callback: Optional[Callable[[int, Any], Optional[bool]]] = None,
+    checkpoint_at: Optional[Sequence[int]] = None,
 ) -> DemoRun:
     """Train the demo DDPM on ``n_train`` digits and write diffusers-layout checkpoints under ``out_dir/ddpm``.
 
@@ -173,7 +188,8 @@ def train_digits_ddpm(
     global torch RNG state is restored afterwards. ``num_threads`` (default: 1 at 8x8, where a second thread saves
     at most ~20% and oversubscribes a busy machine; else ``min(torch.get_num_threads(), 4)``) is set for the run and
     restored afterwards.
-    ``device`` defaults to CUDA when available, else CPU.
+    ``device`` defaults to CUDA when available, else CPU. ``checkpoint_at``: explicit checkpoint steps (e.g.
+    log-spaced) instead of every ``checkpoint_every`` steps.
     """
     import torch
 
@@ -181,6 +197,7 @@ def train_digits_ddpm(
 
     steps = check_int("steps", steps, 1)
     checkpoint_every = check_int("checkpoint_every", checkpoint_every, 1)
+    save_at = None if checkpoint_at is None else {check_int("checkpoint_at", int(s), 1) for s in checkpoint_at}
     batch_size = check_int("batch_size", batch_size, 1)
     num_train_timesteps = check_int("num_train_timesteps", num_train_timesteps, 2)
     if not (isinstance(lr, (int, float)) and np.isfinite(lr) and lr > 0):
@@ -226,7 +243,8 @@ def train_digits_ddpm(
             data = torch.from_numpy(train_u8).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(device)
             ema = _make_ema(unet, float(ema_max_decay)) if use_ema else None
             result = _train_loop(
-                unet, scheduler, data, gen, steps=steps, checkpoint_every=checkpoint_every, batch_size=batch_size,
+                unet, scheduler, data, gen, steps=steps, checkpoint_every=checkpoint_every, save_at=save_at,
+                batch_size=batch_size,
                 lr=float(lr), run_dir=run_dir, progress=progress, callback=callback, torch=torch, ema=ema,
             )
     finally:
@@ -308,7 +326,8 @@ def ddpm_loss(unet, scheduler, x0, gen):
     return F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t).sample, noise)
 
 
-def _train_loop(unet, scheduler, data, gen, *, steps, checkpoint_every, batch_size, lr, run_dir, progress, callback,
+def _train_loop(unet, scheduler, data, gen, *, steps, checkpoint_every, save_at=None, batch_size, lr, run_dir, progress,
+                callback,
                 torch, ema=None):
     device = data.device
     n = data.shape[0]
@@ -330,7 +349,7 @@ def _train_loop(unet, scheduler, data, gen, *, steps, checkpoint_every, batch_si
                 ema[0].step(unet.parameters())
             losses[step] = loss.detach()
             step += 1
-            if step % checkpoint_every == 0:
+            if (step in save_at) if save_at is not None else (step % checkpoint_every == 0):
                 _save_checkpoint(unet, run_dir, step, ema)
                 ckpt_steps.append(step)
             if callback is not None and callback(step, unet if ema is None else ema[1]):

@@ -144,10 +144,14 @@ def watch(
         raise NotADirectoryError(f"run_dir={str(run_dir)!r} is not a folder (the training run's output_dir)")
     if not run_dir.exists():
         log.info("%s does not exist yet; waiting for the training run to create it", run_dir)
-    if interval <= 0:
-        raise ValueError(f"interval={interval!r} must be > 0 seconds")
-    if timeout is not None and timeout < 0:
-        raise ValueError(f"timeout={timeout!r} must be >= 0 seconds (or None: wait forever)")
+    import math
+
+    if not (isinstance(interval, (int, float)) and math.isfinite(interval) and interval > 0):
+        raise ValueError(f"interval={interval!r} must be a finite number of seconds > 0")
+    if not (isinstance(settle, (int, float)) and math.isfinite(settle) and settle >= 0):
+        raise ValueError(f"settle={settle!r} must be a finite number of seconds >= 0")
+    if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout >= 0):
+        raise ValueError(f"timeout={timeout!r} must be a finite number >= 0 seconds (or None: wait forever)")
     if settle < 0:
         raise ValueError(f"settle={settle!r} must be >= 0 seconds")
     if (run_dir / STOP_FILE).exists():

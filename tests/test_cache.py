@@ -105,14 +105,15 @@ def test_changed_file_is_a_miss(tmp_path):
     c.store(NAME, s.item_keys(), vecs)
     assert c.lookup(NAME, ImageSet.from_folder(folder).item_keys())[0].all()
     p = folder / "2.png"
-    Image.fromarray(imgs[0]).save(p)
+    Image.fromarray(imgs[0][::-1]).save(p)  # new content
     st = p.stat()
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))
-    Image.fromarray(imgs[1]).save(folder / "9.png")
+    Image.fromarray(imgs[1][:, ::-1]).save(folder / "9.png")  # a new file with new content
+    (folder / "copy.png").write_bytes((folder / "1.png").read_bytes())  # byte-identical to 1.png: same vector
     s2 = ImageSet.from_folder(folder)
     found, _ = c.lookup(NAME, s2.item_keys())
     assert dict(zip(s2.ids, found.tolist())) == {"0.png": True, "1.png": True, "2.png": False, "3.png": True,
-                                                 "9.png": False}
+                                                 "9.png": False, "copy.png": True}
 
 
 def test_leftover_tmp_and_corrupt_shards_are_ignored(tmp_path, caplog):

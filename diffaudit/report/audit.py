@@ -469,8 +469,9 @@ def _verdict(result: AuditResult, cks: list[CheckpointResult]) -> dict:
     notes on what was left out."""
     v = verdict(cks, result.onset)
     own = result.verdict.strip()
-    lines = [own] if own and own != v.text else list(v.lines)  # words other than the computed ones win
-    notes: list[str] = []
+    computed = " ".join([v.text, *(f"Warning: {w}." for w in result.warnings)])
+    lines = [own] if own and own not in (v.text, computed) else list(v.lines)  # other words than the computed win
+    notes: list[str] = [f"Warning: {w}." for w in result.warnings]
     nonfinite = sum(int(c.num_nonfinite or 0) for c in cks)
     if nonfinite:
         notes.append(f"{nonfinite:,} generated sample{'s were' if nonfinite != 1 else ' was'} NaN/inf and left out "
