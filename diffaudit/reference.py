@@ -84,23 +84,26 @@ class EmbedderReference:
     def quality(self, fake: np.ndarray, confidence: float = 0.95):
         """:class:`~diffaudit.results.EmbedderQuality` of sample vectors ``fake`` (None with fewer than k + 1 of them
         or of the real images)."""
-        from .metrics.quality import PRDC_K, frechet_estimate, frechet_floor, prdc
+        from .metrics.quality import PRDC_K, FrechetReference, frechet_estimate, frechet_floor, prdc
         from .results import EmbedderQuality
 
         real = self.quality_real
         if real is None or len(fake) <= PRDC_K or len(real) <= PRDC_K:
             return None
         fake = np.asarray(fake, np.float64)
+        if "fd" not in self._floors:  # the real side of the Frechet distance, factored once
+            self._floors["fd"] = FrechetReference(real)
+        fref = self._floors["fd"]
         q = EmbedderQuality(reference=self.quality_reference, num_real=len(real),
-                            fd=frechet_estimate(fake, real, confidence=confidence))
+                            fd=frechet_estimate(fake, fref, confidence=confidence))
         p = prdc(real, fake, confidence=confidence, real_radii=self.quality_radii)
         q.precision, q.recall, q.density, q.coverage = p.precision, p.recall, p.density, p.coverage
         if self.quality_reference == "heldout":
             n = int(min(len(fake), self.index.ntotal))
             if n not in self._floors:  # training images against the held-out set, at the samples' n
-                self._floors[n] = frechet_floor(self.index.get_vectors(0, self.index.ntotal), real, n)
+                self._floors[n] = frechet_floor(self.index.get_vectors(0, self.index.ntotal), fref, n)
             q.fd_floor, q.floor_n = self._floors[n], n
-            q.fd_at_floor_n = q.fd.value if n == len(fake) else frechet_floor(fake, real, n)
+            q.fd_at_floor_n = q.fd.value if n == len(fake) else frechet_floor(fake, fref, n)
         return q
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

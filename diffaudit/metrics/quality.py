@@ -5,9 +5,10 @@
   metrics", dgm-eval, do): ``||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2))`` with the sample means and
   covariances (ddof = 1). The trace of the matrix square root is computed exactly from the centred data matrices
   ``A`` (n x d) and ``B`` (m x d): the non-zero eigenvalues of ``S_a S_b`` are the squared singular values of
-  ``A B^T / sqrt((n-1)(m-1))``, so ``tr((S_a S_b)^(1/2))`` is the nuclear norm of that n x m matrix: raw-pixel
-  features of any size cost an n x m SVD, and no d x d matrix is formed. When d is the smaller size, the d x d form
-  ``tr((S_a^1/2 S_b S_a^1/2)^(1/2))`` is used instead (two symmetric eigendecompositions). FD is biased by the sample size (it shrinks with n):
+  ``A B^T / sqrt((n-1)(m-1))``, so ``tr((S_a S_b)^(1/2))`` is the nuclear norm of that n x m matrix. The real side is
+  factored once (thin SVD ``B = U S V^T``; ``A B^T`` and ``A V S`` share their singular values), so each further set
+  of samples -- every bootstrap resample -- costs one small symmetric eigendecomposition, and no d x d matrix is
+  ever formed: raw-pixel features of any size work. FD is biased by the sample size (it shrinks with n):
   compare values at equal n only (:func:`frechet_floor`).
 * **Precision and recall** (Kynkaanniemi et al. 2019, "Improved Precision and Recall Metric for Assessing Generative
   Models") and **density and coverage** (Naeem et al. 2020, "Reliable Fidelity and Diversity Metrics for Generative
@@ -48,31 +49,51 @@ def _matrix(x, name: str) -> np.ndarray:
     return a
 
 
+class FrechetReference:
+    """The real side of the Frechet distance, factored once: mean, trace of the covariance, and ``W = V S`` from the
+    thin SVD ``B_c = U S V^T`` (so ``A_c B_c^T`` and ``A_c W`` have the same singular values)."""
+
+    def __init__(self, b: np.ndarray) -> None:
+        B = _matrix(b, "b")
+        self.mu = B.mean(0)
+        Bc = B - self.mu
+        self.nb = len(B) - 1
+        self.tr = float((Bc * Bc).sum() / self.nb)
+        _, sv, vt = np.linalg.svd(Bc, full_matrices=False)
+        self.W = vt.T * sv  # (d, r), r <= min(m, d)
+        self.dim = B.shape[1]
+
+    def distance(self, a: np.ndarray) -> float:
+        A = _matrix(a, "a")
+        if A.shape[1] != self.dim:
+            raise ValueError(f"a and b must have the same dimension; got {A.shape[1]} and {self.dim}")
+        mu = A.mean(0)
+        Ac = A - mu
+        na = len(A) - 1
+        M = Ac @ self.W  # (n, r): its singular values are those of A_c B_c^T
+        G = M @ M.T if M.shape[0] <= M.shape[1] else M.T @ M
+        cross = float(np.sqrt(np.clip(np.linalg.eigvalsh(G), 0.0, None)).sum() / math.sqrt(na * self.nb))
+        tr_a = float((Ac * Ac).sum() / na)
+        return max(0.0, float(((mu - self.mu) ** 2).sum()) + tr_a + self.tr - 2.0 * cross)
+
+
 def frechet_distance(a, b) -> float:
     """Frechet distance between the Gaussians fitted to feature sets ``a`` (n, d) and ``b`` (m, d) (module doc)."""
-    A, B = _matrix(a, "a"), _matrix(b, "b")
-    if A.shape[1] != B.shape[1]:
-        raise ValueError(f"a and b must have the same dimension; got {A.shape[1]} and {B.shape[1]}")
-    mu_a, mu_b = A.mean(0), B.mean(0)
-    Ac, Bc = A - mu_a, B - mu_b
-    na, nb = len(A) - 1, len(B) - 1
-    tr_a, tr_b = float((Ac * Ac).sum() / na), float((Bc * Bc).sum() / nb)
-    if A.shape[1] <= min(len(A), len(B)):  # few dimensions, many vectors: d x d covariances
-        w, v = np.linalg.eigh(Ac.T @ Ac / na)
-        root_a = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T  # S_a^(1/2)
-        inner = root_a @ (Bc.T @ Bc / nb) @ root_a  # tr((S_a S_b)^(1/2)) = tr((S_a^1/2 S_b S_a^1/2)^(1/2))
-        cross = float(np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2.0), 0.0, None)).sum())
-    else:  # many dimensions (raw pixels): the n x m cross product
-        cross = float(np.linalg.svd(Ac @ Bc.T, compute_uv=False).sum() / math.sqrt(na * nb))
-    return max(0.0, float(((mu_a - mu_b) ** 2).sum()) + tr_a + tr_b - 2.0 * cross)
+    return FrechetReference(b).distance(a)
+
+
+def _ref(real) -> "FrechetReference":
+    return real if isinstance(real, FrechetReference) else FrechetReference(real)
 
 
 def frechet_estimate(fake, real, *, confidence: float = 0.95, n_boot: int = 50, seed: int = 0) -> Estimate:
-    """FD of ``fake`` against ``real`` with a CI from the bootstrap standard error over the fakes (module doc)."""
-    F, R = _matrix(fake, "fake"), _matrix(real, "real")
-    value = frechet_distance(F, R)
+    """FD of ``fake`` against ``real`` (vectors, or a :class:`FrechetReference` built once from them) with a CI from
+    the bootstrap standard error over the fakes (module doc)."""
+    F = _matrix(fake, "fake")
+    ref = _ref(real)
+    value = ref.distance(F)
     rng = np.random.default_rng(seed)
-    boots = [frechet_distance(F[rng.integers(0, len(F), len(F))], R) for _ in range(int(n_boot))]
+    boots = [ref.distance(F[rng.integers(0, len(F), len(F))]) for _ in range(int(n_boot))]
     if len(boots) < 2:
         return Estimate(value, None, None, len(F), confidence)
     half = _z(confidence) * float(np.std(boots, ddof=1))
@@ -86,10 +107,11 @@ def frechet_floor(a, real, n: int, *, repeats: int = 5, seed: int = 0) -> float:
     n = int(min(n, len(A)))
     if n < 2:
         raise ValueError(f"n={n}: the Frechet distance needs at least 2 vectors")
+    ref = _ref(real)
     if n == len(A):
-        return frechet_distance(A, real)
+        return ref.distance(A)
     rng = np.random.default_rng(seed)
-    return float(np.mean([frechet_distance(A[rng.choice(len(A), n, replace=False)], real) for _ in range(repeats)]))
+    return float(np.mean([ref.distance(A[rng.choice(len(A), n, replace=False)]) for _ in range(repeats)]))
 
 
 def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
