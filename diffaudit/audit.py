@@ -294,6 +294,9 @@ def audit(
                                    unet_config=cfg.unet_config)
     if not run.checkpoints:
         raise ValueError(f"checkpoints={cfg.run!r}: no checkpoints found")
+    if getattr(run, "conditional", False) and not cfg.prompts:
+        raise ValueError(f"prompts: {str(run.root)!r} is a text-to-image run; pass prompts= (--prompts FILE: the "
+                         "captions to sample) -- checked before any embedding or sampling")
 
     ref = ReferenceSet(train_set, heldout_set, emb_specs, weights=cfg.weights, cache_dir=cfg.cache_dir,
                        outlier_k=cfg.outlier_k, outlier_quantile=cfg.outlier_quantile, progress=progress)

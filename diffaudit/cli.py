@@ -406,6 +406,8 @@ def demo(
 
     from .demo import run_demo
 
+    if folds == 1:
+        raise ValueError("--folds=1 is not allowed: leave-one-out needs at least 2 fold runs (or 0: off)")
     out_dir = _check_out_dir(out_dir)
     res = run_demo(out_dir, quick=quick, steps=steps, num_samples=samples, seed=seed, progress=True, log=lambda m: console.print(m, highlight=False, markup=False))
     table = Table(title="diffaudit demo")

@@ -281,3 +281,13 @@ def test_match_k_is_capped_at_the_reference_size(tmp_path):
     ref = ImageSet.from_arrays(digits_rgb(5, 8))
     m = match(ImageSet.from_arrays(digits_rgb(2, 8)), ref, k=1_000_000_000, cache_dir=tmp_path)
     assert all(len(r) == 5 for r in m.reference_ids)
+
+
+# ------------------------------------------------------------------------------ 12. arguments checked before work
+
+
+def test_arguments_are_checked_before_any_work(tmp_path):
+    r = _cli("demo", "--out", tmp_path / "d", "--folds", "1")
+    assert r.returncode == 2 and "--folds" in r.stderr and not (tmp_path / "d").exists()
+    r = _cli("audit", tmp_path / "nope", "--train", tmp_path, "--seed", "-1", "--out", tmp_path / "o")
+    assert r.returncode == 2 and "seed" in r.stderr and "non-negative" in r.stderr
