@@ -46,9 +46,13 @@ _EXPORTS = {
     "ImageRisk": "diffaudit.results",
     "Estimate": "diffaudit.results",
     "MemorizationMonitor": "diffaudit.monitor",
-    "OnsetRule": "diffaudit.monitor",
-    "detect_onset": "diffaudit.monitor",
+    "OnsetRule": "diffaudit.onset",
+    "detect_onset": "diffaudit.onset",
     "loo_scores": "diffaudit.loo",
+    "compare_runs": "diffaudit.compare",
+    "CompareResult": "diffaudit.results",
+    "EmbedderQuality": "diffaudit.results",
+    "tau_gen": "diffaudit.onset",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -76,7 +80,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .data import ImageSet, Skipped
     from .embedders import Embedder, Embeddings, embed, get_embedder, register_embedder
     from .index import EmbeddingIndex, self_neighbors
+    from .compare import compare_runs
     from .loo import loo_scores
+    from .onset import tau_gen
+    from .results import CompareResult, EmbedderQuality
     from .monitor import MemorizationMonitor, OnsetRule, detect_onset
     from .results import AuditResult, CheckpointResult, EmbedderMetrics, Estimate, ImageRisk
     from .sampling import CheckpointSampler
