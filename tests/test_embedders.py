@@ -482,12 +482,19 @@ def test_embed_folder_order_skips_and_cache_reuse(tmp_path):
     Image.fromarray(new).save(folder / "img_003.png")
     st = os.stat(folder / "img_003.png")
     os.utime(folder / "img_003.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    Image.fromarray(x[0]).save(folder / "zz_added.png")
+    Image.fromarray(x[0][::-1].copy()).save(folder / "zz_added.png")  # new content (a byte copy would be a cache hit)
     e3 = _Counting(batch_size=7)
     out3 = embed(ImageSet.from_folder(folder), e3, cache_dir=cache)
     assert e3.images == 2
     np.testing.assert_allclose(out3.vectors[out3.ids.index("img_003.png")], new.reshape(-1) / 255.0, atol=2e-3)
-    np.testing.assert_array_equal(out3.vectors[out3.ids.index("zz_added.png")], out.vectors[0])
+    np.testing.assert_allclose(out3.vectors[out3.ids.index("zz_added.png")], x[0][::-1].reshape(-1) / 255.0,
+                               atol=2e-3)
+    # a byte-identical copy of a cached file needs no model call: its vector is the cached one
+    (folder / "zz_copy.png").write_bytes((folder / "img_000.png").read_bytes())
+    e4 = _Counting(batch_size=7)
+    out4 = embed(ImageSet.from_folder(folder), e4, cache_dir=cache)
+    assert e4.images == 0
+    np.testing.assert_array_equal(out4.vectors[out4.ids.index("zz_copy.png")], out.vectors[0])
 
 
 def test_embed_arrays_no_cache_and_spec_string(tmp_path):
