@@ -52,6 +52,18 @@ def fit_exponent(ns, taus, seed=0):
     return a, float(lo), float(hi)
 
 
+def train_or_reuse(folder: Path, **kw):
+    """Train a run, or reuse the one a previous invocation wrote there with the same settings (train_log.json)."""
+    from types import SimpleNamespace
+
+    log = folder / "train_log.json"
+    if log.is_file():
+        cfg = json.loads(log.read_text())["config"]
+        if all(cfg.get(k) == v for k, v in kw.items() if k in cfg):
+            return SimpleNamespace(run_dir=folder / "ddpm", train_dir=folder / "train", heldout_dir=folder / "heldout")
+    return train_digits_ddpm(folder, **kw)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -70,8 +82,8 @@ def main() -> int:
     t_all = time.perf_counter()
     for n in args.ns:
         t0 = time.perf_counter()
-        run = train_digits_ddpm(out / f"n{n}", n_train=n, steps=budget, checkpoint_at=steps_at, seed=0)
-        t_train = time.perf_counter() - t0
+        run = train_or_reuse(out / f"n{n}", n_train=n, steps=budget, checkpoint_at=steps_at, seed=0)
+        t_train = time.perf_counter() - t0  # ~0 when the run was reused
         t1 = time.perf_counter()
         res = audit(checkpoints=str(run.run_dir), train=str(run.train_dir), heldout=str(run.heldout_dir),
                     num_samples=args.samples, num_inference_steps=args.inference_steps, seed=0,
@@ -82,8 +94,9 @@ def main() -> int:
                "curve": [{"step": c.step, "mem": c.onset_signal.value if c.onset_signal else None,
                           "fd": next(iter(c.metrics.values())).quality.fd.value} for c in res.checkpoints]}
         if args.compare is not None and (not args.compare or n in args.compare):
-            other = train_digits_ddpm(out / f"n{n}b", n_train=n, n_heldout=256 + n, steps=budget,
-                                      checkpoint_at=steps_at, seed=1)
+            # the same seeded permutation (seed 0): A = digits 256..256+n, B = the next n -- disjoint by construction
+            other = train_or_reuse(out / f"n{n}b", n_train=n, n_heldout=256 + n, steps=budget,
+                                   checkpoint_at=steps_at, seed=0)
             cmp = compare_runs(str(run.run_dir), str(other.run_dir), str(run.train_dir), str(other.train_dir),
                                num_samples=args.samples, num_inference_steps=args.inference_steps,
                                cache_dir=str(out / "cache"))
