@@ -57,7 +57,7 @@ class EmbedderReference:
     quality_real: Optional[np.ndarray] = None  # the real vectors sample quality is measured against
     quality_reference: str = ""  # "heldout" | "train"
     quality_radii: Optional[np.ndarray] = None  # their k-NN radii (precision / density / coverage)
-    _floors: dict = field(default_factory=dict, repr=False)
+    _quality_cache: dict = field(default_factory=dict, repr=False)  # FD reference, floors per n
 
     @property
     def largest_group(self) -> int:
@@ -91,18 +91,18 @@ class EmbedderReference:
         if real is None or len(fake) <= PRDC_K or len(real) <= PRDC_K:
             return None
         fake = np.asarray(fake, np.float64)
-        if "fd" not in self._floors:  # the real side of the Frechet distance, factored once
-            self._floors["fd"] = FrechetReference(real)
-        fref = self._floors["fd"]
+        if "fd" not in self._quality_cache:  # the real side of the Frechet distance, factored once
+            self._quality_cache["fd"] = FrechetReference(real)
+        fref = self._quality_cache["fd"]
         q = EmbedderQuality(reference=self.quality_reference, num_real=len(real),
                             fd=frechet_estimate(fake, fref, confidence=confidence))
         p = prdc(real, fake, confidence=confidence, real_radii=self.quality_radii)
         q.precision, q.recall, q.density, q.coverage = p.precision, p.recall, p.density, p.coverage
         if self.quality_reference == "heldout":
             n = int(min(len(fake), self.index.ntotal))
-            if n not in self._floors:  # training images against the held-out set, at the samples' n
-                self._floors[n] = frechet_floor(self.index.get_vectors(0, self.index.ntotal), fref, n)
-            q.fd_floor, q.floor_n = self._floors[n], n
+            if n not in self._quality_cache:  # training images against the held-out set, at the samples' n
+                self._quality_cache[n] = frechet_floor(self.index.get_vectors(0, self.index.ntotal), fref, n)
+            q.fd_floor, q.floor_n = self._quality_cache[n], n
             q.fd_at_floor_n = q.fd.value if n == len(fake) else frechet_floor(fake, fref, n)
         return q
 
