@@ -333,13 +333,20 @@ def recommendation_for(checkpoints: Sequence, onset_step: Optional[int], quality
                        ) -> Recommendation:
     """The checkpoint to keep: by the stop window when sample quality was measured (:func:`recommend_in_window`),
     else by held-out denoising loss before the onset (:func:`recommend_checkpoint`)."""
+    return _decide(checkpoints, onset_step, quality_embedder)[0]
+
+
+def _decide(checkpoints: Sequence, onset_step: Optional[int], quality_embedder: Optional[str]
+            ) -> tuple[Recommendation, Optional[int]]:
+    """(the checkpoint to keep, tau_gen) over checkpoint results."""
     steps = [c.step for c in checkpoints]
     fds = [quality_of(c, quality_embedder) for c in checkpoints]
+    tg = tau_gen(steps, fds)
     if any(f is not None for f in fds):
-        return recommend_in_window(steps, fds, onset_step, tau_gen(steps, fds))
+        return recommend_in_window(steps, fds, onset_step, tg), tg
     return recommend_checkpoint(
         steps, onset_step, heldout_losses=[c.loss_heldout for c in checkpoints],
-        signal_values=[c.onset_signal.value if c.onset_signal is not None else None for c in checkpoints])
+        signal_values=[c.onset_signal.value if c.onset_signal is not None else None for c in checkpoints]), tg
 
 
 def onset_info(rule: OnsetRule, checkpoints: Sequence, *, copy_rule: str, signal_metric: str, signal_embedder: str,
@@ -350,9 +357,7 @@ def onset_info(rule: OnsetRule, checkpoints: Sequence, *, copy_rule: str, signal
 
     if not decided:
         onset_step = onset_of(rule, checkpoints)
-    rec = recommendation_for(checkpoints, onset_step, signal_embedder)
-    fds = [quality_of(c, signal_embedder) for c in checkpoints]
-    tg = tau_gen([c.step for c in checkpoints], fds)
+    rec, tg = _decide(checkpoints, onset_step, signal_embedder)
     return OnsetInfo(signal=f"{signal_metric}[{signal_embedder}]", threshold=rule.threshold, patience=rule.patience,
                      confidence=rule.confidence, onset_step=onset_step, recommended_step=rec.step,
                      recommended_reason=rec.reason, copy_rule=copy_rule, signal_metric=signal_metric,

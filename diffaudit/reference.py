@@ -168,6 +168,7 @@ class ReferenceSet:
                 if w:
                     kw["weights"] = w
             resolved.append(get_embedder(spec, **kw))
+        self._identical_leaks = self._check_identical_leaks() if self.heldout is not None else 0
         for emb in resolved:
             rule = copy_rule(emb)
             emb.prepare(self.train)
@@ -199,7 +200,7 @@ class ReferenceSet:
                 real, real_name = e_h.vectors, "heldout"
             real, radii = _quality_reference(real)
             if self.heldout is not None:
-                self._check_leaks(emb, e_train, e_h, s_scores, h_top1)
+                self._check_near_leaks(emb, e_h, s_scores, h_top1)
             skipped += [Skipped(i, r, "train") for i, r in e_train.skipped]
             self.refs.append(
                 EmbedderReference(
@@ -210,27 +211,33 @@ class ReferenceSet:
                 )
             )
         self.skipped = Skipped.unique(skipped)  # each embedder reports the same decode failures: keep one each
-        self.warnings = list(dict.fromkeys(self.warnings))
 
-    def _check_leaks(self, emb, e_train, e_held, self_scores, h_top1) -> None:
-        """A leaky split (FiftyOne's term): held-out images that are files of the training set, or exact /
-        near duplicates of a training image (within the duplicate threshold of find_duplicates)."""
-        from .curate import duplicate_threshold
+    def _warn(self, text: str) -> None:
+        self.warnings.append(text)
+        log.warning("%s", text)
 
+    def _check_identical_leaks(self) -> int:
+        """A leaky split (FiftyOne's term), first kind: held-out images byte-identical to training images (the
+        content keys the embedding cache uses). Returns how many."""
         t_keys = set(self.train.item_keys())
         same = [i for i, k in zip(self.heldout.ids, self.heldout.item_keys()) if k in t_keys]
         if same:
-            self.warnings.append(f"leaky split: {len(same)} of {len(self.heldout)} held-out images are byte-identical "
-                                 f"to training images (e.g. {same[0]!r}); the loss gap, C_T and membership AUC then "
-                                 "measure nothing for them")
+            self._warn(f"leaky split: {len(same)} of {len(self.heldout)} held-out images are byte-identical to "
+                       f"training images (e.g. {same[0]!r}); the loss gap, C_T and membership AUC then measure "
+                       "nothing for them")
+        return len(same)
+
+    def _check_near_leaks(self, emb, e_held, self_scores, h_top1) -> None:
+        """Second kind, per embedder: held-out images within the duplicate threshold of find_duplicates of a
+        training image (beyond the byte-identical ones already reported)."""
+        from .curate import duplicate_threshold
+
         thr = duplicate_threshold(emb, self_scores)
-        near = (h_top1 <= thr) if emb.metric == "l2" else (h_top1 >= thr)
-        if near.sum() > len(same):
-            self.warnings.append(f"leaky split: {int(near.sum())} of {len(e_held)} held-out images are exact or near "
-                                 f"duplicates of training images under {emb.name} (within the duplicate threshold "
-                                 f"{thr:.4g}); use a held-out set the model never saw")
-        for w in self.warnings:
-            log.warning("%s", w)
+        near = int(((h_top1 <= thr) if emb.metric == "l2" else (h_top1 >= thr)).sum())
+        if near > self._identical_leaks:
+            self._warn(f"leaky split: {near} of {len(e_held)} held-out images are exact or near duplicates of "
+                       f"training images under {emb.name} (within the duplicate threshold {thr:.4g}); use a "
+                       "held-out set the model never saw")
 
     @property
     def primary(self) -> EmbedderReference:
