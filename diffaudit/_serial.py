@@ -40,44 +40,79 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def _convert(tp: Any, value: Any) -> Any:
-    if value is None:
-        return None
+_JSON_KIND = {list: "a list", tuple: "a list", dict: "an object"}
+
+
+def _convert(tp: Any, value: Any, where: str = "value") -> Any:
+    """``value`` (parsed JSON) as type ``tp``; a value of the wrong JSON kind is a ValueError naming ``where`` (the
+    field's path, e.g. ``checkpoints[0].metrics``), never an AttributeError deep in a report."""
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
-        return _convert(args[0], value) if len(args) == 1 else value
+        if value is None:
+            return None
+        return _convert(args[0], value, where) if len(args) == 1 else value
+    if value is None:
+        if dataclasses.is_dataclass(tp) or origin in (list, typing.List, tuple, typing.Tuple, dict, typing.Dict):
+            raise ValueError(f"{where}: null where {_kind(tp, origin)} is expected")
+        return None
     if dataclasses.is_dataclass(tp):
-        return from_jsonable(tp, value)
+        return from_jsonable(tp, value, where)
     if origin in (list, typing.List):
         (arg,) = get_args(tp) or (Any,)
-        return [_convert(arg, v) for v in value]
+        _expect(value, list, tp, origin, where)
+        return [_convert(arg, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin in (tuple, typing.Tuple):
+        _expect(value, list, tp, origin, where)
         args = get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(args[0], v) for v in value)
-        return tuple(_convert(a, v) for a, v in zip(args, value)) if args else tuple(value)
+            return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value))) if args else \
+            tuple(value)
     if origin in (dict, typing.Dict):
         kt, vt = get_args(tp) or (Any, Any)
-        return {k: _convert(vt, v) for k, v in value.items()}
+        _expect(value, dict, tp, origin, where)
+        return {k: _convert(vt, v, f"{where}[{k!r}]") for k, v in value.items()}
     if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {type(value).__name__}")
         return float(value)
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{where}: expected an integer, got {type(value).__name__}")
+    if tp is str and not isinstance(value, str):
+        raise ValueError(f"{where}: expected a string, got {type(value).__name__}")
     if tp is Path:
         return Path(value)
     return value
 
 
-def from_jsonable(cls: type[T], data: dict) -> T:
-    """Build dataclass ``cls`` from JSON data; unknown keys are an error (a newer file, or a typo)."""
+def _kind(tp: Any, origin: Any) -> str:
+    if dataclasses.is_dataclass(tp):
+        return f"an object ({tp.__name__})"
+    return _JSON_KIND.get(origin, "a value")
+
+
+def _expect(value: Any, json_type: type, tp: Any, origin: Any, where: str) -> None:
+    if not isinstance(value, json_type):
+        raise ValueError(f"{where}: expected {_kind(tp, origin)}, got {type(value).__name__}")
+
+
+def from_jsonable(cls: type[T], data: dict, where: str | None = None) -> T:
+    """Build dataclass ``cls`` from JSON data; unknown keys and values of the wrong kind are errors (a newer file,
+    a typo, or a hand-edited one), each naming the field."""
+    where = where or cls.__name__
     if not isinstance(data, dict):
-        raise ValueError(f"expected a JSON object for {cls.__name__}, got {type(data).__name__}")
+        raise ValueError(f"{where}: expected a JSON object for {cls.__name__}, got {type(data).__name__}")
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise ValueError(f"unknown keys for {cls.__name__}: {sorted(unknown)}; allowed: {sorted(names)}")
-    kwargs = {k: _convert(hints[k], v) for k, v in data.items()}
-    return cls(**kwargs)
+        raise ValueError(f"{where}: unknown keys for {cls.__name__}: {sorted(unknown)}; allowed: {sorted(names)}")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError, KeyError) as e:  # a __post_init__ that rejects the values
+        raise ValueError(f"{where}: {e}") from e
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -131,7 +166,14 @@ class JsonMixin:
             p = Path(s)
             if not p.is_file():
                 raise FileNotFoundError(f"{cls.__name__}.from_json: no such file: {s!r}")
-            data = json.loads(p.read_text(encoding="utf-8"))
+            try:
+                data = json.loads(p.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{s!r} is not a JSON file ({e})") from e
+            try:
+                return from_jsonable(cls, data)  # type: ignore[arg-type]
+            except ValueError as e:
+                raise ValueError(f"{s!r} is not a valid {cls.__name__} file: {e}") from e
         return from_jsonable(cls, data)  # type: ignore[arg-type]
 
 

@@ -297,6 +297,8 @@ def audit(
     if getattr(run, "conditional", False) and not cfg.prompts:
         raise ValueError(f"prompts: {str(run.root)!r} is a text-to-image run; pass prompts= (--prompts FILE: the "
                          "captions to sample) -- checked before any embedding or sampling")
+    if getattr(run, "conditional", False):
+        _check_sd_extra(run)
 
     ref = ReferenceSet(train_set, heldout_set, emb_specs, weights=cfg.weights, cache_dir=cfg.cache_dir,
                        outlier_k=cfg.outlier_k, outlier_quantile=cfg.outlier_quantile, progress=progress)
@@ -360,8 +362,10 @@ def audit(
     prov = provenance(
         ref, version=__version__, run=str(run.root), checkpoint_files=run.checkpoint_files(), seed=cfg.seed,
         num_samples=cfg.num_samples,
-        sampler={"sampler": cfg.sampler, "num_inference_steps": cfg.num_inference_steps, "eta": cfg.eta,
-                 "scheduler": run.scheduler_source, "batch_size": cfg.batch_size, "prompts": cfg.prompts or ""},
+        sampler={**sampler.describe(), "scheduler": run.scheduler_source, "batch_size": cfg.batch_size,
+                 "prompts": cfg.prompts or "",
+                 **({"base_pipeline": str(run.base_pipeline), "base_pipeline_sha256": run.base_pipeline_hash()}
+                    if getattr(run, "base_pipeline", None) else {})},
         extra={"onset_rule": ONSET_RULE_TEXT})
     result = AuditResult(checkpoints=results, onset=onset, images=risk_table(ref, copies, membership),
                          skipped=skipped, provenance=prov, warnings=list(ref.warnings))
@@ -371,9 +375,23 @@ def audit(
     return result
 
 
+def _check_sd_extra(run) -> None:
+    """Text-to-image sampling needs transformers (text encoder, tokenizer) and, for LoRA checkpoints, peft: say so
+    before any work (diffusers' placeholder classes would fail after the embedding)."""
+    import importlib.util
+
+    need = ["transformers"] + (["peft"] if any(c.kind == "lora" for c in run.checkpoints) else [])
+    missing = [m for m in need if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModuleNotFoundError(f"{str(run.root)!r} is a text-to-image run; sampling it needs {', '.join(missing)}: "
+                                  'pip install "diffaudit[sd]"')
+
+
 def _checkpoint_id(run, ckpt) -> str:
     """What saved samples must match besides the sampler settings (resume): the weights (sha256 of the files; for
-    in-memory models of the tensors) and the run's noise-schedule config."""
+    in-memory models of the tensors), the run's noise-schedule config and, for text-conditional checkpoints, the
+    base pipeline they are loaded into (its files' hash). The sampler settings (prompts, guidance, seeds per prompt,
+    image size, dtype, device) are in :meth:`CheckpointSampler.fingerprint`."""
     import hashlib
     import json
 
@@ -383,7 +401,9 @@ def _checkpoint_id(run, ckpt) -> str:
     sched = dict(run.scheduler.config) if getattr(run, "scheduler", None) is not None else None
     if sched is not None:  # diffusers fills this list from a set: its order changes with PYTHONHASHSEED (no resume)
         sched.pop("_use_default_values", None)
-    blob = json.dumps({"scheduler": sched, "checkpoint": ident}, sort_keys=True, default=str)
+    base = run.base_pipeline_hash() if ckpt.conditional and hasattr(run, "base_pipeline_hash") else None
+    blob = json.dumps({"scheduler": sched, "checkpoint": ident, **({"base_pipeline": base} if base else {})},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -136,6 +136,7 @@ class CheckpointRun:
     _pipe_key: Any = field(default=None, repr=False, compare=False)
     _base_unet: Any = field(default=None, repr=False, compare=False)
     _lora_loaded: bool = field(default=False, repr=False, compare=False)
+    _base_hash: Optional[str] = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.checkpoints)
@@ -159,6 +160,14 @@ class CheckpointRun:
         if self.scheduler is None:
             return None
         return type(self.scheduler).from_config(self.scheduler.config)
+
+    def base_pipeline_hash(self) -> Optional[str]:
+        """:func:`pipeline_hash` of ``base_pipeline`` (None without one); computed once per run object."""
+        if self.base_pipeline is None:
+            return None
+        if self._base_hash is None:
+            self._base_hash = pipeline_hash(self.base_pipeline)
+        return self._base_hash
 
     def checkpoint_files(self) -> dict[str, str]:
         """``{weight file path: sha256}`` over every checkpoint, for ``Provenance.checkpoint_files``."""
@@ -274,6 +283,9 @@ def unet_weight_files(folder: PathLike) -> list[str]:
         index = folder / f"{base}{ext}.index.json"
         if index.is_file():
             wm = _read_json(index).get("weight_map", {})
+            if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+                raise CheckpointError(f"sharded weights in '{folder}': {index.name} must have a 'weight_map' object "
+                                      f"mapping tensor names to shard file names (got {type(wm).__name__})")
             shards = sorted(set(wm.values()))
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
@@ -304,8 +316,15 @@ def _model_class_name(config_path: Path) -> str:
     return str(_read_json(config_path).get("_class_name", "UNet2DModel"))
 
 
-def _is_conditional_class(name: str) -> bool:
-    return name != "UNet2DModel"
+#: denoiser model classes a checkpoint may hold -> whether they are text-conditional
+DENOISER_CLASSES = {"UNet2DModel": False, "UNet2DConditionModel": True}
+
+
+def _is_conditional_class(name: str, where: str = "checkpoint") -> bool:
+    if name not in DENOISER_CLASSES:
+        raise CheckpointError(f"{where}: _class_name {name!r} is not a denoiser this tool samples (expected "
+                              f"{' or '.join(DENOISER_CLASSES)}); point at the UNet's folder, not the {name}'s")
+    return DENOISER_CLASSES[name]
 
 
 def _pipeline_is_text(folder: Path) -> bool:
@@ -416,7 +435,7 @@ def _checkpoint_from_folder(
         return Checkpoint(
             step=step if step is not None else 0, path=str(folder), kind="pipeline", unet_path=str(unet),
             ema=False, name=name, weights=unet_weight_files(unet),
-            conditional=_is_conditional_class(_model_class_name(unet / "config.json")),
+            conditional=_is_conditional_class(_model_class_name(unet / "config.json"), str(unet / "config.json")),
         )
     cands = []
     if ema != "never" and _is_unet_folder(folder / "unet_ema"):
@@ -432,7 +451,7 @@ def _checkpoint_from_folder(
         return Checkpoint(
             step=step if step is not None else 0, path=str(folder), kind="unet-folder", unet_path=str(unet),
             ema=is_ema, name=name, weights=unet_weight_files(unet),
-            conditional=_is_conditional_class(_model_class_name(unet / "config.json")),
+            conditional=_is_conditional_class(_model_class_name(unet / "config.json"), str(unet / "config.json")),
         )
     for lname in LORA_WEIGHT_NAMES:
         if (folder / lname).is_file():
@@ -450,7 +469,8 @@ def _checkpoint_from_folder(
         return Checkpoint(
             step=step if step is not None else 0, path=str(folder), kind="unet-folder", unet_path=str(folder),
             name=name, weights=unet_weight_files(folder),
-            conditional=_is_conditional_class(_model_class_name(folder / "config.json")),
+            conditional=_is_conditional_class(_model_class_name(folder / "config.json"),
+                                             str(folder / "config.json")),
         )
     skipped.append(Skipped(str(folder), "no unet/, unet_ema/, LoRA weights, pipeline or UNet config+weights inside", "checkpoints"))
     return None
@@ -470,7 +490,7 @@ def _checkpoint_from_file(path: Path, config: Optional[str], step: Optional[int]
     cls_name = str(_load_config(config).get("_class_name", "UNet2DModel"))
     return Checkpoint(
         step=step if step is not None else 0, path=str(path), kind="safetensors", unet_path=str(path),
-        name=path.name, config_path=config, weights=[str(path)], conditional=_is_conditional_class(cls_name),
+        name=path.name, config_path=config, weights=[str(path)], conditional=_is_conditional_class(cls_name, f"unet_config for '{path}'"),
     )
 
 
@@ -803,7 +823,11 @@ def load_unet(checkpoint: Union[Checkpoint, PathLike], device=None, dtype=None):
     except Exception:  # pragma: no cover - some models cannot be built on meta
         model = None
     if model is None:
-        model = cls.from_config(init_cfg)
+        try:
+            model = cls.from_config(init_cfg)
+        except Exception as e:  # a config diffusers cannot build (norm_num_groups: 0, mismatched lists, ...)
+            raise CheckpointError(f"{where}: its config does not build a {cls.__name__}: {type(e).__name__}: "
+                                  f"{e}") from e
     if hasattr(model, "_fix_state_dict_keys_on_load"):
         sd = model._fix_state_dict_keys_on_load(sd) or sd  # old attention key names (query/key/value -> to_q/...)
     _validate_state_dict(sd, model.state_dict(), where)
@@ -821,6 +845,38 @@ def load_unet(checkpoint: Union[Checkpoint, PathLike], device=None, dtype=None):
     return model
 
 
+def pipeline_components(folder: PathLike) -> list[str]:
+    """The component sub-folders ``model_index.json`` names (``"unet": ["diffusers", "UNet2DConditionModel"]``,
+    ...), skipping null entries (``"safety_checker": [null, null]``). Only these are part of the pipeline: a training
+    run's root also holds ``checkpoint-N/`` folders with optimizer states that are not."""
+    folder = Path(folder)
+    idx = _read_json(folder / "model_index.json")
+    out = []
+    for name, val in idx.items():
+        if name.startswith("_") or not isinstance(val, (list, tuple)) or len(val) != 2 or val[0] is None:
+            continue
+        if (folder / name).is_dir():
+            out.append(name)
+    return sorted(out)
+
+
+def pipeline_files(folder: PathLike) -> list[Path]:
+    """``model_index.json`` and every file inside the components it names (weights, configs, tokenizer files)."""
+    folder = Path(folder)
+    files = [folder / "model_index.json"]
+    for name in pipeline_components(folder):
+        files += sorted(p for p in (folder / name).rglob("*") if p.is_file())
+    return files
+
+
+def pipeline_hash(folder: PathLike) -> str:
+    """sha256 identifying a local pipeline: over the sorted ``"<relative path> <sha256>"`` lines of
+    :func:`pipeline_files` (file hashes are cached per path, size and mtime)."""
+    folder = Path(folder)
+    lines = "".join(f"{p.relative_to(folder).as_posix()} {file_sha256(p)}\n" for p in pipeline_files(folder))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
 def load_pipeline(folder: PathLike, device=None, dtype=None):
     """A local diffusers pipeline (``DiffusionPipeline.from_pretrained(local_files_only=True)``) with the safety
     checker off (an audit needs the raw samples)."""
@@ -835,7 +891,7 @@ def load_pipeline(folder: PathLike, device=None, dtype=None):
     if "safety_checker" in idx:
         kw["safety_checker"] = None
         kw["requires_safety_checker"] = False
-    weights = [p for p in folder.rglob("*") if p.suffix in _WEIGHT_SUFFIXES]
+    weights = [p for p in pipeline_files(folder) if p.suffix in _WEIGHT_SUFFIXES]
     if weights and all(p.suffix == ".safetensors" for p in weights):
         kw["use_safetensors"] = True
     else:

@@ -321,6 +321,9 @@ class CheckpointSampler:
             "noise": "per-sample torch.Generator(sha256('diffaudit:<seed>:<i>'))",
             "scheduler": type(self.scheduler).__name__ if self.scheduler is not None else None,
             "image_size": self.image_size,
+            "channels": self.channels,
+            "dtype": None if self.dtype is None else str(self.dtype).replace("torch.", ""),
+            "device": self._device().type,
         }
         if self.prompts is not None:
             d.update(

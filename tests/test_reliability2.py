@@ -291,3 +291,260 @@ def test_arguments_are_checked_before_any_work(tmp_path):
     assert r.returncode == 2 and "--folds" in r.stderr and not (tmp_path / "d").exists()
     r = _cli("audit", tmp_path / "nope", "--train", tmp_path, "--seed", "-1", "--out", tmp_path / "o")
     assert r.returncode == 2 and "seed" in r.stderr and "non-negative" in r.stderr
+
+
+# ------------------------------------------------------------------------------ 13. resume keys
+
+
+def _fake_pipeline(root: Path, unet_bytes: bytes) -> Path:
+    """A folder laid out like a pipeline (model_index.json + component folders), not loadable: for hashing."""
+    import json
+
+    root.mkdir(parents=True)
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                       "unet": ["diffusers", "UNet2DConditionModel"],
+                                                       "tokenizer": ["transformers", "CLIPTokenizer"],
+                                                       "safety_checker": [None, None]}))
+    (root / "unet").mkdir()
+    (root / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(unet_bytes)
+    (root / "tokenizer").mkdir()
+    (root / "tokenizer" / "vocab.json").write_text("{}")
+    return root
+
+
+def test_base_pipeline_identity_covers_its_components_only(tmp_path):
+    from diffaudit.checkpoints import pipeline_files, pipeline_hash
+
+    a = _fake_pipeline(tmp_path / "a", b"weights-A")
+    b = _fake_pipeline(tmp_path / "b", b"weights-B")
+    assert pipeline_hash(a) != pipeline_hash(b)
+    h = pipeline_hash(a)
+    # a training run's root: checkpoint folders and accelerate's pickles are not part of the pipeline
+    (a / "checkpoint-300").mkdir()
+    (a / "checkpoint-300" / "optimizer.bin").write_bytes(b"\x80\x04not a tensor file")
+    (a / "random_states_0.pkl").write_bytes(b"\x80\x04pickle")
+    assert pipeline_hash(a) == h
+    assert all("checkpoint-300" not in str(p) and p.suffix != ".pkl" for p in pipeline_files(a))
+    (a / "tokenizer" / "vocab.json").write_text('{"a": 0}')  # a tokenizer change changes the samples too
+    assert pipeline_hash(a) != h
+
+
+def test_sampler_fingerprint_covers_everything_that_determines_a_sample():
+    import torch
+    from diffusers import DDPMScheduler
+
+    from diffaudit.sampling import CheckpointSampler
+
+    sched = DDPMScheduler(num_train_timesteps=100)
+
+    def fp(**kw):
+        base = dict(num_samples=4, seed=0, num_inference_steps=4, prompts=["a cat", "a dog"], seeds_per_prompt=2,
+                    guidance_scale=7.5, device="cpu")
+        base.update(kw)
+        return CheckpointSampler(sched, **base).fingerprint()
+
+    ref = fp()
+    changed = {"prompts": ["a cat", "a bird"], "seeds_per_prompt": 1, "guidance_scale": 3.0,
+               "image_size": (32, 32), "dtype": torch.float16, "num_inference_steps": 5, "seed": 1}
+    for key, value in changed.items():
+        assert fp(**{key: value}) != ref, key
+    assert fp() == ref
+
+
+def test_resume_does_not_reuse_samples_of_another_scheduler(tmp_path, caplog):
+    import logging
+
+    from diffusers import DDPMScheduler
+
+    from diffaudit.audit import audit
+    from diffaudit.testing import OptimalDenoiser
+
+    imgs = digits_rgb(12, 8)
+    train = ImageSet.from_arrays(imgs)
+    out = tmp_path / "out"
+
+    def run(sched):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="diffaudit"):
+            audit([(1, OptimalDenoiser(imgs, sched))], scheduler=sched, train=train, num_samples=4,
+                  num_inference_steps=2, cache_dir=str(tmp_path / "c"), out_dir=str(out))
+        return "reusing" in caplog.text
+
+    assert not run(DDPMScheduler(num_train_timesteps=1000))
+    assert run(DDPMScheduler(num_train_timesteps=1000))  # the same settings: reused
+    assert not run(DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"))
+
+
+# ------------------------------------------------------------------------------ 14. pixel dedup on hostile sets
+
+
+def _brute_pairs(V: np.ndarray, side: int, t: float, inv) -> set[tuple[int, int]]:
+    X = V.astype(np.float64)
+    if "brightness" in inv:
+        X = X - X.mean(axis=1, keepdims=True)
+    n = len(X)
+    M = X.reshape(n, side, side, 3)[:, :, ::-1].reshape(n, -1)
+    D = np.sqrt(((X[:, None] - X[None]) ** 2).sum(-1))
+    if "hflip" in inv:
+        D = np.minimum(D, np.sqrt(((M[:, None] - X[None]) ** 2).sum(-1)))
+    a, b = np.nonzero(np.triu(D <= t * (1 + 1e-6), 1))
+    return set(zip(a.tolist(), b.tolist()))
+
+
+@pytest.mark.parametrize("kind", ["noise", "noise-clusters", "flat", "symmetric"])
+@pytest.mark.parametrize("inv", [(), ("brightness", "hflip")])
+def test_pixel_duplicates_equal_brute_force_on_hostile_sets(tmp_path, kind, inv):
+    """Sets pooled vectors cannot separate (noise), duplicate clusters larger than k, flat images, mirror-symmetric
+    images: the search (which switches to exact all-pairs products where pooling does not help) equals brute force."""
+    from diffaudit.curate import duplicate_pairs
+    from diffaudit.embedders import embed, get_embedder
+
+    rng = np.random.default_rng(7)
+    side, n = 16, 240
+    if kind == "noise":
+        x = rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+    elif kind == "noise-clusters":  # 20 images x 12 copies (clusters larger than k=10), plus re-encoding noise
+        base = rng.integers(0, 256, (20, side, side, 3), dtype=np.uint8)
+        x = np.repeat(base, 12, axis=0).astype(np.int16)
+        x[::3] += rng.integers(-2, 3, x[::3].shape).astype(np.int16)
+        x = np.clip(x, 0, 255).astype(np.uint8)[rng.permutation(n)]
+    elif kind == "flat":
+        x = np.broadcast_to(rng.integers(0, 256, n).astype(np.uint8)[:, None, None, None], (n, side, side, 3)).copy()
+    else:
+        half = rng.integers(0, 256, (n, side, side // 2, 3), dtype=np.uint8)
+        x = np.concatenate([half, half[:, :, ::-1]], axis=2)
+        x[n // 2:] = x[: n // 2]
+    emb = get_embedder(f"pixel:{side}")
+    E = embed(ImageSet.from_arrays(x), emb, cache_dir=None)
+    pairs, t, rule = duplicate_pairs(E, emb, invariances=inv)
+    truth = _brute_pairs(np.asarray(E.vectors), side, t, inv)
+    if kind == "flat" and "brightness" in inv:  # all flat images are one group of identical centred vectors
+        assert "listed as stars" in rule and len(pairs) == n - 1 and len(truth) == n * (n - 1) // 2
+        assert {a for a, _ in pairs} == {0} and {b for _, b in pairs} == set(range(1, n))
+    else:
+        boundary = {p for p in truth ^ set(pairs)}  # only ties at the threshold may differ (float32 vs float64)
+        assert len(boundary) <= max(2, len(truth) // 200), (kind, inv, len(truth), len(pairs))
+    if kind == "noise-clusters":
+        assert len(truth) >= 20 * 66
+
+
+def test_pixel_threshold_rule_equals_brute_force_on_noise(tmp_path):
+    """The default threshold's nearest-distinct distances, certified by the exact fallback on noise."""
+    from diffaudit.curate import DUPLICATE_PSNR_DB, RELATIVE_RATIO, duplicate_pairs
+    from diffaudit.embedders import embed, get_embedder
+
+    rng = np.random.default_rng(3)
+    x = np.repeat(rng.integers(0, 256, (60, 16, 16, 3), dtype=np.uint8), 4, axis=0)
+    emb = get_embedder("pixel:16")
+    E = embed(ImageSet.from_arrays(x), emb, cache_dir=None)
+    _, t, _ = duplicate_pairs(E, emb, invariances=())
+    X = np.asarray(E.vectors, np.float64)
+    D = np.sqrt(((X[:, None] - X[None]) ** 2).sum(-1))
+    t_abs = 10 ** (-DUPLICATE_PSNR_DB / 20) * np.sqrt(X.shape[1])
+    D[D <= t_abs] = np.inf
+    expect = min(t_abs, RELATIVE_RATIO * float(np.median(D.min(axis=1))))
+    assert t == pytest.approx(expect, rel=1e-4)
+
+
+# ------------------------------------------------------------------------------ 11. validated at the boundary
+
+
+def _unet_run(root: Path, config: dict, index: dict | None = None) -> Path:
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    unet = root / "checkpoint-100" / "unet"
+    unet.mkdir(parents=True)
+    (unet / "config.json").write_text(json.dumps(config))
+    if index is None:
+        save_file({"w": torch.zeros(1)}, str(unet / "diffusion_pytorch_model.safetensors"))
+    else:
+        (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    return root
+
+
+@pytest.mark.parametrize("case", ["norm_groups_0", "weight_map_list", "weight_map_values", "vae_class"])
+def test_bad_model_folders_give_one_line_naming_the_file(tmp_path, case):
+    train = tmp_path / "train"
+    train.mkdir()
+    for i, im in enumerate(digits_rgb(6, 8)):
+        Image.fromarray(im).save(train / f"{i}.png")
+    base = {"_class_name": "UNet2DModel", "sample_size": 8, "block_out_channels": [8, 8],
+            "down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "UpBlock2D"],
+            "layers_per_block": 1}
+    cfg, index = dict(base), None
+    if case == "norm_groups_0":
+        cfg["norm_num_groups"] = 0
+    elif case == "weight_map_list":
+        index = {"weight_map": ["a.safetensors"]}
+    elif case == "weight_map_values":
+        index = {"weight_map": {"w": 3}}
+    else:
+        cfg = {"_class_name": "AutoencoderKL"}
+    run = _unet_run(tmp_path / "run", cfg, index)
+    r = _cli("audit", run, "--train", train, "--samples", "2", "--inference-steps", "1", "--scheduler", "ddpm",
+             "--out", tmp_path / "o")
+    err = [ln for ln in r.stderr.splitlines() if ln.strip() and "━" not in ln]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-800:]
+    assert len([ln for ln in err if ln.startswith("error:")]) == 1
+    text = " ".join(err)
+    assert {"norm_groups_0": "does not build a UNet2DModel", "weight_map_list": "'weight_map' object",
+            "weight_map_values": "'weight_map' object", "vae_class": "'AutoencoderKL' is not a denoiser"}[case] in text
+    assert "an unexpected error" not in text  # caught at the boundary, not by the last-resort handler
+    assert "text-conditional" not in text
+
+
+@pytest.mark.parametrize("bad", [None, "x", [1], {"pixel": None}, {"pixel": {"top_matches": "nope"}}])
+def test_report_on_a_hand_edited_audit_json_names_the_field(tmp_path, bad):
+    import json
+
+    from diffusers import DDPMScheduler
+
+    from diffaudit.audit import audit
+    from diffaudit.testing import OptimalDenoiser
+
+    imgs = digits_rgb(8, 8)
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    out = tmp_path / "out"
+    audit([(1, OptimalDenoiser(imgs, sched))], scheduler=sched, train=ImageSet.from_arrays(imgs), num_samples=2,
+          num_inference_steps=1, cache_dir=str(tmp_path / "c"), out_dir=str(out))
+    d = json.loads((out / "audit.json").read_text())
+    d["checkpoints"][0]["metrics"] = bad
+    (tmp_path / "bad.json").write_text(json.dumps(d))
+    r = _cli("report", tmp_path / "bad.json", "--out", tmp_path / "r.html")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "an unexpected error" not in r.stderr
+    assert "checkpoints[0].metrics" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_text_to_image_run_without_the_sd_extra_fails_before_any_work(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    import diffaudit.embedders as embedders
+    from diffaudit.audit import audit
+
+    base = tmp_path / "base"
+    (base / "scheduler").mkdir(parents=True)
+    (base / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                       "text_encoder": ["transformers", "CLIPTextModel"],
+                                                       "scheduler": ["diffusers", "DDPMScheduler"]}))
+    (base / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDPMScheduler"}))
+    lora = tmp_path / "run" / "checkpoint-5"
+    lora.mkdir(parents=True)
+    save_file({"w": torch.zeros(1)}, str(lora / "pytorch_lora_weights.safetensors"))
+    (tmp_path / "p.txt").write_text("a photo\n")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("peft", "transformers")
+                        else real(name, *a))
+    calls = []
+    monkeypatch.setattr(embedders, "embed", lambda *a, **k: calls.append(1))
+    with pytest.raises(ModuleNotFoundError, match=r"diffaudit\[sd\]"):
+        audit(str(tmp_path / "run"), train=ImageSet.from_arrays(digits_rgb(4, 8)), base_pipeline=str(base),
+              prompts=str(tmp_path / "p.txt"), num_samples=2, cache_dir=str(tmp_path / "c"))
+    assert not calls
