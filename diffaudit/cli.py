@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+
 from rich.console import Console
 from rich.text import Text
+
+from .audit import AuditConfig as _AuditConfig
 
 from ._format import safe_text
 
@@ -39,6 +42,9 @@ class _SafeLogs(logging.Filter):
 def _error(text: str) -> Text:
     return Text.assemble(("error:", "bold red"), " ", safe_text(text))
 
+
+#: the audit's defaults, shown in --help (flags left unset take them, or a --config preset's values)
+_AUDIT_DEFAULTS = _AuditConfig()
 
 app = typer.Typer(
     add_completion=False,
@@ -182,12 +188,12 @@ def audit_cmd(
     heldout: Optional[Path] = typer.Option(None, "--heldout", help="Folder of held-out real images."),
     embedder: Optional[List[str]] = typer.Option(None, "--embedder", "-e", help="Repeatable: pixel, tiled, clip:<arch>, sscd."),
     weights: Optional[List[str]] = typer.Option(None, "--weights", help="Repeatable NAME=PATH, e.g. sscd=sscd.torchscript.pt"),
-    samples: Optional[int] = typer.Option(None, "--samples", "-n", help="Samples per checkpoint."),
-    seed: Optional[int] = typer.Option(None, help="Noise seed (same noise at every checkpoint)."),
-    steps: Optional[int] = typer.Option(None, "--inference-steps", help="Sampler steps."),
-    sampler: Optional[str] = typer.Option(None, help="ddim | ddpm | run"),
+    samples: Optional[int] = typer.Option(None, "--samples", "-n", help=f"Samples per checkpoint (default: {_AUDIT_DEFAULTS.num_samples}, or the --config preset's)."),
+    seed: Optional[int] = typer.Option(None, help=f"Noise seed, same noise at every checkpoint (default: {_AUDIT_DEFAULTS.seed})."),
+    steps: Optional[int] = typer.Option(None, "--inference-steps", help=f"Sampler steps (default: {_AUDIT_DEFAULTS.num_inference_steps}, or the --config preset's)."),
+    sampler: Optional[str] = typer.Option(None, help=f"ddim | ddpm | run (default: {_AUDIT_DEFAULTS.sampler})."),
     scheduler: Optional[str] = typer.Option(None, help="Scheduler folder or name when the run has none."),
-    ema: Optional[str] = typer.Option(None, help="prefer | only | never (use unet_ema/ weights)."),
+    ema: Optional[str] = typer.Option(None, help=f"prefer | only | never: use unet_ema/ weights (default: {_AUDIT_DEFAULTS.ema})."),
     prompts: Optional[Path] = typer.Option(None, help="Prompts file: .txt (one per line), .jsonl, .json or .csv."),
     base_pipeline: Optional[Path] = typer.Option(None, "--base-pipeline", help="Local base pipeline folder (text-to-image fine-tunes)."),
     unet_config: Optional[Path] = typer.Option(None, "--unet-config", help="UNet config.json for bare .safetensors checkpoints."),
@@ -325,8 +331,20 @@ def watch_cmd(
         train=str(train), heldout=str(heldout) if heldout else None, embedder=list(embedder) if embedder else "pixel",
         every_n_steps=1, num_samples=samples, seed=seed, num_inference_steps=steps,
         rule=OnsetRule(threshold=threshold, patience=patience), cache_dir=str(cache_dir) if cache_dir else None,
-        weights=wmap, device=device, progress=False, lazy=False,
+        weights=wmap, device=device, progress=False, lazy=False, time_budget=None,  # a sidecar: not in training's time
     )
+
+    def after_checkpoint(m) -> None:
+        """The running verdict, and audit.json + report.html refreshed so they can be opened during training."""
+        out.print(m.summary_line(), highlight=False, markup=False, soft_wrap=True)
+        try:
+            write_outputs(m.to_result(run=str(run_dir)), out_dir, ref=m.reference)
+        except Exception as exc:  # a report that cannot be written must not stop the watch
+            if _state["debug"]:
+                raise
+            console.print(_error(f"could not refresh the report in {out_dir}: {type(exc).__name__}: {exc}"),
+                          soft_wrap=True)
+
     console.print(f"watching {run_dir} for checkpoint-N folders (every {interval:g}s"
                   + (f", giving up after {timeout:g}s without a new one" if timeout is not None else "") + ")",
                   highlight=False)
@@ -334,7 +352,7 @@ def watch_cmd(
     try:
         outcome = watch(run_dir, monitor, interval=interval, timeout=timeout, settle=settle, ema=ema,
                         scheduler=scheduler, device=device, state_path=out_dir / STATE_FILE,
-                        on_checkpoint=lambda m: out.print(m.summary_line(), highlight=False, markup=False, soft_wrap=True))
+                        on_checkpoint=after_checkpoint)
     finally:
         if monitor.history:
             result = monitor.to_result(run=str(run_dir))

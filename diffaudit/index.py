@@ -62,7 +62,22 @@ _METRICS = ("l2", "cosine")
 
 
 def _faiss():
-    import faiss  # core dependency (faiss-cpu); imported lazily to keep `import diffaudit` fast
+    """faiss (a core dependency, imported lazily to keep ``import diffaudit`` fast). Its loader logs each CPU build
+    it tries and cannot load (``ModuleNotFoundError(... 'faiss.swigfaiss_avx512_spr')``) at INFO before falling back
+    to one that works; those harmless lines are held back to WARNING while it loads."""
+    import sys
+
+    if "faiss" not in sys.modules:
+        loader = logging.getLogger("faiss.loader")
+        before = loader.level
+        if before < logging.WARNING:
+            loader.setLevel(logging.WARNING)
+        try:
+            import faiss
+        finally:
+            loader.setLevel(before)
+        return faiss
+    import faiss
 
     return faiss
 

@@ -346,9 +346,9 @@ def loo_scores(
     run_rows: list[LooRun] = []
     prog = None
     if progress:
-        from rich.progress import Progress
+        from ._progress import progress
 
-        prog = Progress(transient=True)
+        prog = progress(transient=True)
         prog.start()
         task = prog.add_task("leave-one-out losses", total=len(pairs))
     try:
@@ -545,9 +545,9 @@ def train_fold_runs(
     torch.set_num_threads(num_threads or min(old_threads, 4))
     bar = None
     if progress:
-        from rich.progress import Progress
+        from ._progress import progress
 
-        bar = Progress(transient=True)
+        bar = progress(transient=True)
         bar.start()
         task = bar.add_task(f"training {k} fold runs", total=k * steps)
     try:

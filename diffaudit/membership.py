@@ -204,9 +204,9 @@ def membership_scores(
     h_last = None
     prog = None
     if progress and len(refs) > 1:
-        from rich.progress import Progress
+        from ._progress import progress
 
-        prog = Progress(transient=True)
+        prog = progress(transient=True)
         prog.start()
         task = prog.add_task("membership scores", total=len(refs))
     try:

@@ -102,6 +102,9 @@ class MemorizationMonitor:
         loss_max_images: int = 256,
         gallery_size: int = 4,
         lazy: Optional[bool] = None,
+        time_budget: Optional[float] = 0.10,
+        min_samples: int = 64,
+        output_dir=None,
     ) -> None:
         from .sampling import SAMPLERS
 
@@ -119,6 +122,13 @@ class MemorizationMonitor:
         self.loss_noise_draws = _int("loss_noise_draws", loss_noise_draws, 1)
         self.loss_max_images = _int("loss_max_images", loss_max_images, 1)
         self.gallery_size = _int("gallery_size", gallery_size, 0)
+        self.min_samples = min(_int("min_samples", min_samples, 2), self.num_samples)
+        if time_budget is not None and not (isinstance(time_budget, (int, float)) and not isinstance(time_budget, bool)
+                                            and 0.0 < float(time_budget) < 1.0):
+            raise ValueError(f"MemorizationMonitor: time_budget={time_budget!r} must be a fraction in (0, 1) of the "
+                             "training time, or None for no budget")
+        self.time_budget = None if time_budget is None else float(time_budget)
+        self.output_dir = output_dir
         if sampler not in SAMPLERS:
             raise ValueError(f"MemorizationMonitor: sampler={sampler!r} is not allowed; expected one of {list(SAMPLERS)}")
         self.sampler_name = sampler
@@ -154,6 +164,13 @@ class MemorizationMonitor:
         self._metrics: dict[str, float] = {}
         self._ref = None
         self._sampler = None
+        # cost budget (see the class docstring): wall clock since the reference data was ready, evaluation seconds
+        self._clock_start: Optional[float] = None
+        self._eval_seconds = 0.0
+        self._stride = 1  # evaluate every stride-th checkpoint the cadence offers
+        self._samples_now = self.num_samples
+        self.adaptations: list[dict] = []  # what the budget changed, when and why
+        self.finished = False
         if lazy is None:
             lazy = (_env_rank() or 0) > 0
         if not lazy:
@@ -197,11 +214,12 @@ class MemorizationMonitor:
             self._ref = ReferenceSet(self._train_arg, self._heldout_arg, self.embedders, weights=self.weights,
                                      cache_dir=self.cache_dir, progress=self.progress)
             self._sampler = CheckpointSampler(
-                None, self.num_samples, seed=self.seed, num_inference_steps=self.num_inference_steps,
+                None, self._samples_now, seed=self.seed, num_inference_steps=self.num_inference_steps,
                 sampler=self.sampler_name, batch_size=self.batch_size, progress=self.progress,
             )
             _log.info("monitor: reference data for %d training images (%s) built in %.1fs",
                       len(self._ref.train), ", ".join(r.name for r in self._ref.refs), time.perf_counter() - t0)
+            self._clock_start = time.perf_counter()
         return self
 
     @property
@@ -276,6 +294,8 @@ class MemorizationMonitor:
             "onset_step": self._onset_step,
             "copies": {tid: {str(s): int(n) for s, n in by.items()} for tid, by in self._copies.items()},
             "metrics": {k: float(v) for k, v in self._metrics.items()},
+            "budget": {"stride": self._stride, "num_samples_now": self._samples_now,
+                       "eval_seconds": self._eval_seconds, "adaptations": list(self.adaptations)},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -303,21 +323,77 @@ class MemorizationMonitor:
         if saved_onset is not None and self._onset_step is None:
             self._onset_step = int(saved_onset)  # confirmed under the rule in force then
         self.stopped = bool(state.get("stopped")) or self._onset_step is not None
+        budget = state.get("budget") or {}
+        self._stride = max(1, int(budget.get("stride", 1)))
+        self._samples_now = min(self.num_samples, max(2, int(budget.get("num_samples_now", self.num_samples))))
+        if self._sampler is not None:
+            self._sampler.num_samples = self._samples_now
+        self.adaptations = list(budget.get("adaptations") or [])
 
     # -- the cadence -----------------------------------------------------------------------------------------------
     def due(self, step: int) -> bool:
-        """Whether :meth:`update` would evaluate at ``step`` (a multiple of ``every_n_steps`` not yet evaluated)."""
+        """Whether :meth:`update` would evaluate at ``step``: a multiple of ``every_n_steps`` (times the budget's
+        stride, :attr:`adaptations`) not yet evaluated."""
         step = int(step)
-        return step % self.every_n_steps == 0 and step not in self._steps
+        return step % (self.every_n_steps * self._stride) == 0 and step not in self._steps
 
     def update(self, step: int, model_or_pipeline, scheduler=None) -> bool:
-        """Call after each optimizer step. Evaluates when ``step`` is a multiple of ``every_n_steps`` (once per
-        step); returns True when memorization onset is confirmed (stop training), and keeps returning
-        :attr:`stopped` between evaluations, at no cost."""
+        """Call after each optimizer step. Evaluates when :meth:`due` (once per step); returns True when
+        memorization onset is confirmed (stop training), and keeps returning :attr:`stopped` between evaluations,
+        at no cost."""
         step = int(step)
-        if step % self.every_n_steps or step in self._steps:
+        if not self.due(step):
             return self.stopped
         return self.evaluate(step, model_or_pipeline, scheduler=scheduler)
+
+    # -- cost budget ----------------------------------------------------------------------------------------------
+    @property
+    def cost_fraction(self) -> Optional[float]:
+        """Evaluation time as a fraction of the wall time since the reference data was ready (None before)."""
+        import time
+
+        if self._clock_start is None:
+            return None
+        wall = time.perf_counter() - self._clock_start
+        return self._eval_seconds / wall if wall > 0 else None
+
+    def _keep_budget(self, step: int, seconds: float) -> None:
+        """After an evaluation: keep evaluations within ``time_budget`` of the wall time. After the first one the
+        sample count is lowered once (to no fewer than ``min_samples``; the first n of the same seeds, so copy
+        fractions stay comparable); after that, and when even that is not enough, only every 2nd, 4th, ...
+        checkpoint is evaluated (every evaluation stays comparable). Each change is logged and recorded in
+        :attr:`adaptations`."""
+        import time
+
+        b = self.time_budget
+        frac = self.cost_fraction
+        if b is None or frac is None or frac <= b:
+            return
+        wall = time.perf_counter() - self._clock_start
+        train = max(wall - self._eval_seconds, 1e-9)
+        evals = len(self.history)
+        per_interval = train / max(1, evals)  # training seconds per evaluated interval so far
+        allowed = b / (1.0 - b) * per_interval  # evaluation seconds per interval within the budget
+        what = []
+        if evals == 1 and self._samples_now > self.min_samples:
+            n = int(max(self.min_samples, min(self._samples_now, self._samples_now * allowed / max(seconds, 1e-9))))
+            if n < self._samples_now:
+                seconds = seconds * n / self._samples_now
+                self._samples_now = n
+                self._sampler.num_samples = n
+                what.append(f"{n} samples per evaluation (the first {n} of the same seeds)")
+        need = max(1, math.ceil(seconds / max(allowed, 1e-9)))
+        stride = 1 << max(0, math.ceil(math.log2(need))) if need > 1 else 1
+        if evals > 1 and frac > 1.5 * b:
+            stride = max(stride, self._stride * 2)
+        if stride > self._stride:
+            self._stride = stride
+            what.append(f"every {stride} checkpoints (every {self.every_n_steps * stride} steps)")
+        if what:
+            self.adaptations.append({"step": int(step), "cost_fraction": round(frac, 4),
+                                     "num_samples": self._samples_now, "every_n_steps": self.every_n_steps * self._stride})
+            _log.warning("monitor: evaluations took %.0f%% of the training time so far (budget %.0f%%); from now on: "
+                         "%s", 100 * frac, 100 * b, "; ".join(what))
 
     # -- one evaluation -----------------------------------------------------------------------------------------
     def evaluate(self, step: int, model_or_pipeline, scheduler=None, *, path: Optional[str] = None) -> bool:
@@ -389,12 +465,93 @@ class MemorizationMonitor:
         self._metrics["diffaudit/onset"] = 1.0 if self.stopped else 0.0
         self._write_tensorboard(step, {**scalars, "diffaudit/onset": self._metrics["diffaudit/onset"],
                                        "diffaudit/eval_seconds": time.perf_counter() - t0})
-        _log.info("%s (%.1fs)", self.summary_line(), time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self._eval_seconds += seconds
+        if self._clock_start is None:
+            self._clock_start = t0
+        _log.info("%s (%.1fs)", self.summary_line(), seconds)
         if newly:
             rec = self.recommendation
             _log.warning("memorization onset confirmed at step %d (%s); %s", self._onset_step, self.signal_name,
                          f"keep step {rec.step}" if rec.step is not None else rec.reason)
+        if not self.stopped:
+            self._keep_budget(step, seconds)
         return self.stopped
+
+    # -- the final decision ---------------------------------------------------------------------------------------
+    def decision(self) -> dict:
+        """The monitor's decision as plain JSON values: stopped or not, onset of copying, the level of memorization,
+        the checkpoint to keep and why, what the budget changed, and the verdict text."""
+        info = self._onset_info()
+        last = max(self._steps) if self._steps else None
+        out = {
+            "stopped": bool(self.stopped), "onset_step": self._onset_step, "level": info.level if info else "",
+            "fit_step": info.fit_step if info else None, "keep_step": self.best_step,
+            "keep_reason": self.recommendation.reason if self.history else "no evaluation yet",
+            "tau_gen": self.tau_gen, "evaluated_steps": self.evaluated_steps, "last_evaluated_step": last,
+            "cost_fraction": None if self.cost_fraction is None else round(self.cost_fraction, 4),
+            "num_samples": self._samples_now, "every_n_steps": self.every_n_steps * self._stride,
+            "adaptations": list(self.adaptations),
+            "verdict": verdict(self.history, info).text if info is not None else "no evaluation yet",
+        }
+        return out
+
+    def _onset_info(self):
+        if not self.history:
+            return None
+        p = self._ref.primary if self._ref is not None else None
+        return onset_info(self.rule, self.history, copy_rule=p.rule.name if p else "",
+                          signal_metric=p.rule.signal if p else "", signal_embedder=p.name if p else "",
+                          onset_step=self._onset_step, decided=True)
+
+    def finish(self, output_dir=None, *, step: Optional[int] = None, log=None) -> dict:
+        """At the end of training: log the final decision (stopped at, keep step, why) and write it to
+        ``output_dir/diffaudit-monitor.json`` (default: the monitor's ``output_dir``), with a pointer to the kept
+        checkpoint's folder when ``output_dir/checkpoint-<keep>`` exists. ``step``: the step training ended at.
+        ``log``: a callable taking one line (a framework's logger; default this module's logger at WARNING, so it
+        shows by default). Returns :meth:`decision`."""
+        import json
+        from pathlib import Path
+
+        from ._format import safe_text
+        from ._serial import atomic_write_text
+
+        d = self.decision()
+        if step is not None:
+            d["ended_at_step"] = int(step)
+        out = output_dir if output_dir is not None else self.output_dir
+        keep = d["keep_step"]
+        if out is not None and keep is not None:
+            ck = Path(out) / f"checkpoint-{keep}"
+            if ck.is_dir():
+                d["keep_checkpoint"] = str(ck)
+                for sub in ("unet_ema", "unet"):
+                    if (ck / sub).is_dir():
+                        d["keep_weights"] = str(ck / sub)
+                        break
+            else:
+                d["keep_checkpoint"] = None
+                d["keep_note"] = (f"{ck} does not exist (removed by a checkpoint limit, or never saved): the kept "
+                                  "step's weights are not on disk")
+        ended = f"training ended at step {d['ended_at_step']}; " if "ended_at_step" in d else ""
+        if d["stopped"]:
+            head = f"diffaudit: stopped at memorization onset (copying from step {d['onset_step']}); {ended}"
+        else:
+            head = f"diffaudit: no memorization onset; {ended}"
+        keep_txt = (f"keep step {keep}" + (f" ({d['keep_checkpoint']})" if d.get("keep_checkpoint") else "")
+                    + f": {d['keep_reason']}") if keep is not None else f"no checkpoint to keep: {d['keep_reason']}"
+        level = {"copies": "samples copy training images", "fits": "the model memorizes without copying yet (from "
+                 f"step {d['fit_step']})", "generalizes": "it generalizes"}.get(d["level"], "")
+        line = head + keep_txt + (f"; {level}" if level else "")
+        if d["cost_fraction"] is not None:
+            line += f"; monitor cost {d['cost_fraction']:.1%} of training time"
+        (log or (lambda m: _log.warning("%s", m)))(safe_text(line))
+        if out is not None:
+            target = Path(out) / "diffaudit-monitor.json"
+            atomic_write_text(target, json.dumps(d, indent=2, default=str) + "\n")
+            d["written_to"] = str(target)
+        self.finished = True
+        return d
 
     def _scalars(self, cr) -> dict[str, float]:
         out: dict[str, float] = {}

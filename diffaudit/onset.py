@@ -16,6 +16,23 @@ the first evaluated step ``s`` such that the CI **lower bound** exceeds ``thresh
 While fewer than ``patience`` evaluations exist after a candidate step, onset is *not yet confirmed* and the result
 is ``None``; the monitor calls :func:`detect_onset` on the whole history after each evaluation and stops training
 the first time it returns a step. Missing lower bounds (``None``/NaN: not computed) break a run.
+
+Levels of memorization
+----------------------
+Copying a training image and fitting the training set are different things (van den Burg & Williams 2021, "On
+Memorization in Probabilistic Deep Generative Models"; Carlini et al. 2023, "Extracting Training Data from
+Diffusion Models"). The verdict names the worst level the evidence confirms:
+
+* **copies** -- the copy rule's onset is confirmed (above);
+* **fits** (memorizes without copying yet) -- no copy onset, but at ``patience`` consecutive checkpoints the model
+  tells its training images from held-out ones: membership AUC >= ``FIT_MEMBERSHIP_AUC`` (per-image denoising loss)
+  or Meehan et al.'s held-out comparison C_T z <= ``FIT_CT_Z`` (samples closer to training images than unseen
+  images are). Needs a held-out set; without one the verdict says it was not measured;
+* **generalizes** -- neither.
+
+Near-copies no copy rule counts (Gu et al.'s looser d1/d2 < 1/2) are reported beside the level, never counted as
+copies. When the checkpoint to keep lies at or after the start of the "fits" level the verdict says so and names
+the last checkpoint before it.
 """
 from __future__ import annotations
 
@@ -198,6 +215,70 @@ def _copy_words(metric: str, embedder: Optional[str], ck) -> str:
     return f"pass the onset signal{by}"
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# levels of memorization: copying training images vs fitting them (van den Burg & Williams 2021; Carlini et al. 2023)
+
+#: membership AUC (training vs held-out images told apart by their per-image denoising loss; 0.5 = no difference)
+#: at or above which the model fits its training images far more tightly than unseen ones
+FIT_MEMBERSHIP_AUC = 0.8
+#: Meehan et al. 2020's C_T z-score (samples' distances to the training set against held-out images' distances) at
+#: or below which samples sit closer to the training images than unseen real images do (one-sided p ~ 0.001)
+FIT_CT_Z = -3.0
+#: the level names, from worst
+LEVELS = ("copies", "fits", "generalizes")
+
+
+def fit_evidence(ck, embedder: Optional[str] = None) -> tuple[Optional[bool], list[str]]:
+    """Whether checkpoint ``ck`` fits its training images far more tightly than held-out ones, and the signals that
+    say so (with their numbers). None when neither signal was measured (no held-out set)."""
+    em = ck.metrics.get(embedder) if embedder else None
+    auc = getattr(ck, "membership_auc", None)
+    z = getattr(em, "heldout_ct_z", None) if em is not None else None
+    measured = _valid(auc) or _valid(z)
+    out: list[str] = []
+    if _valid(auc) and float(auc) >= FIT_MEMBERSHIP_AUC:
+        out.append(f"membership AUC {float(auc):.2f} (per-image denoising loss tells training images from held-out "
+                   f"ones; 0.5 = no difference, alert at {FIT_MEMBERSHIP_AUC:g})")
+    if _valid(z) and float(z) <= FIT_CT_Z:
+        out.append(f"held-out comparison C_T z = {float(z):.1f} (samples sit closer to the training images than "
+                   f"held-out images do; Meehan et al. 2020, alert at {FIT_CT_Z:g})")
+    if not measured:
+        return None, []
+    return bool(out), out
+
+
+def fit_onset(rule: OnsetRule, checkpoints: Sequence, embedder: Optional[str] = None) -> Optional[int]:
+    """First checkpoint of the "fits" level: fit evidence (:func:`fit_evidence`) at ``rule.patience`` consecutive
+    checkpoints where it was measured (the patience of the copy onset)."""
+    hist = [(c.step, fit_evidence(c, embedder)[0]) for c in checkpoints if not getattr(c, "failed", "")]
+    hist = [(st, f) for st, f in hist if f is not None]
+    return detect_onset([st for st, _ in hist], [1.0 if f else 0.0 for _, f in hist], 0.5, rule.patience)
+
+
+def memorization_level(onset_step: Optional[int], fit_step: Optional[int]) -> str:
+    """``"copies"`` when the copy onset is confirmed, else ``"fits"`` when the fit level is, else ``"generalizes"``."""
+    if onset_step is not None:
+        return "copies"
+    return "fits" if fit_step is not None else "generalizes"
+
+
+def _near_copy_words(ck, embedder: Optional[str], signal_metric: str) -> Optional[str]:
+    """The share of samples under Gu et al.'s looser ratio d1/d2 < 1/2 when it is well above the copy rule's count:
+    noisy or partial reproductions that no copy rule catches."""
+    from ._format import fmt_pct
+
+    em = ck.metrics.get(embedder) if embedder else None
+    half = getattr(em, "memorization_ratio_half", None) if em is not None else None
+    third = getattr(em, signal_metric, None) if em is not None and signal_metric else None
+    if half is None or not _valid(half.value) or float(half.value) <= 0:
+        return None
+    base = float(third.value) if third is not None and _valid(getattr(third, "value", None)) else 0.0
+    if float(half.value) < max(0.05, 2 * base):
+        return None
+    return (f"{fmt_pct(half.value)} of samples are near-copies (nearest training image over 2x closer than the second "
+            f"nearest, d1/d2 < 1/2) that the copy rule does not count")
+
+
 def verdict(checkpoints: Sequence, onset) -> Verdict:
     """The verdict on ``checkpoints`` (CheckpointResult, in step order) given the rule's decision ``onset``
     (an :class:`~diffaudit.results.OnsetInfo`)."""
@@ -214,9 +295,15 @@ def verdict(checkpoints: Sequence, onset) -> Verdict:
     label = (rule_of.label(onset.signal_embedder, getattr(em, "threshold", None)) if rule_of is not None
              else onset.signal or "the onset signal")
     thr = finite(onset.threshold)
+    fit_step = getattr(onset, "fit_step", None)
+    fit_sig = list(getattr(onset, "fit_signals", []) or [])
     if onset.onset_step is not None:
-        status, badge = "alert", "Memorization detected"
-        headline = f"Memorization starts at step {fmt_step(onset.onset_step)}."
+        status, badge = "alert", "Copies training images"
+        headline = f"Memorization starts at step {fmt_step(onset.onset_step)}: samples copy training images."
+    elif fit_step is not None:
+        status, badge = "warn", "Memorizes without copying yet"
+        headline = (f"No sample passes a copy rule, but from step {fmt_step(fit_step)} the model fits its training "
+                    f"images far more tightly than held-out ones: it memorizes without copying yet.")
     else:
         low = None if e is None else (finite(e.low) if finite(e.low) is not None else finite(e.value))
         if low is not None and thr is not None and low > thr:
@@ -224,7 +311,7 @@ def verdict(checkpoints: Sequence, onset) -> Verdict:
             headline = (f"Signs of memorization at the last checkpoint (step {fmt_step(last.step)}), "
                         f"not yet confirmed by {int(onset.patience)} consecutive checkpoints.")
         else:
-            status, badge = "ok", "No memorization detected"
+            status, badge = "ok", "Generalizes: no memorization detected"
             span = (f"step {fmt_step(first.step)}" if len(cks) == 1
                     else f"steps {fmt_step(first.step)}–{fmt_step(last.step)}")
             headline = f"No memorization onset across {len(cks)} checkpoint{'s' * (len(cks) != 1)} ({span})."
@@ -232,6 +319,16 @@ def verdict(checkpoints: Sequence, onset) -> Verdict:
     if e is not None:
         lines.append(f"At the last checkpoint (step {fmt_step(last.step)}), {fmt_pct(e.value)} of generated samples"
                      f"{ci_sentence(e)} {_copy_words(metric, emb, last)}.")
+    near = _near_copy_words(last, emb, metric)
+    if near:
+        lines.append(near[0].upper() + near[1:] + ".")
+    if fit_sig:
+        lines.append(("The model fits its training images far more tightly than held-out ones"
+                      + (f" from step {fmt_step(fit_step)}" if fit_step is not None else " at the last checkpoint")
+                      + ": " + "; ".join(fit_sig) + "."))
+    elif fit_step is None and not any(fit_evidence(c, emb)[0] is not None for c in cks):
+        lines.append("Without a held-out set, whether the model fits its training images more tightly than unseen "
+                     "ones (membership, held-out comparison) was not measured; only copies were looked for.")
     failed = [c.step for c in cks if getattr(c, "failed", "")]
     if failed:
         lines.append(f"{len(failed)} checkpoint{'s' * (len(failed) != 1)} FAILED and could not be evaluated (step"
@@ -245,6 +342,8 @@ def verdict(checkpoints: Sequence, onset) -> Verdict:
                         f"; the stop window runs from there to {end}."))
     keep_ck = next((c for c in cks if c.step == onset.recommended_step), None)
     reason = (onset.recommended_reason or "").strip().rstrip(".")
+    keep_after_fit = (fit_step is not None and onset.recommended_step is not None
+                      and int(onset.recommended_step) >= int(fit_step))
     if keep_ck is not None:
         lines.append(f"Keep the checkpoint at step {fmt_step(keep_ck.step)} ({keep_ck.path})"
                      + (f": {reason}." if reason else "."))
@@ -252,6 +351,11 @@ def verdict(checkpoints: Sequence, onset) -> Verdict:
         lines.append(f"Keep the checkpoint at step {fmt_step(onset.recommended_step)}.")
     else:
         lines.append("No checkpoint is recommended" + (f": {reason}." if reason else "."))
+    if keep_after_fit:
+        before = [c.step for c in cks if c.step < int(fit_step) and not getattr(c, "failed", "")]
+        lines.append(f"Note: that checkpoint comes after the model starts fitting its training images (step "
+                     f"{fmt_step(fit_step)})" + (f"; the last checkpoint before that is step {fmt_step(before[-1])}."
+                                                 if before else "; no checkpoint before that was evaluated."))
     rule = ""
     if thr is not None:
         conf = fmt_pct(onset.confidence) if finite(onset.confidence) else "95%"
@@ -358,7 +462,11 @@ def onset_info(rule: OnsetRule, checkpoints: Sequence, *, copy_rule: str, signal
     if not decided:
         onset_step = onset_of(rule, checkpoints)
     rec, tg = _decide(checkpoints, onset_step, signal_embedder)
-    return OnsetInfo(signal=f"{signal_metric}[{signal_embedder}]", threshold=rule.threshold, patience=rule.patience,
+    fit_step = fit_onset(rule, checkpoints, signal_embedder)
+    measured = [c for c in checkpoints if fit_evidence(c, signal_embedder)[0] is not None]
+    fit_signals = fit_evidence(measured[-1], signal_embedder)[1] if measured else []
+    return OnsetInfo(level=memorization_level(onset_step, fit_step), fit_step=fit_step, fit_signals=fit_signals,
+                     signal=f"{signal_metric}[{signal_embedder}]", threshold=rule.threshold, patience=rule.patience,
                      confidence=rule.confidence, onset_step=onset_step, recommended_step=rec.step,
                      recommended_reason=rec.reason, copy_rule=copy_rule, signal_metric=signal_metric,
                      signal_embedder=signal_embedder, tau_gen=tg,

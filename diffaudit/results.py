@@ -197,6 +197,12 @@ class OnsetInfo(JsonMixin):
     signal_embedder: str = ""
     tau_gen: Optional[int] = None  # when sample quality reached its plateau (diffaudit.onset.tau_gen)
     window_empty: bool = False  # memorization started before quality plateaued: no step in [tau_gen, onset)
+    # the level of memorization the evidence shows (diffaudit.onset.memorization_level): "copies" (a copy rule's
+    # onset is confirmed), "fits" (memorizes without copying yet: membership / held-out comparison say the model
+    # fits its training images far more tightly than held-out ones), "generalizes" (neither); "" = not assessed
+    level: str = ""
+    fit_step: Optional[int] = None  # first checkpoint of the confirmed "fits" level (same patience as the onset)
+    fit_signals: list[str] = field(default_factory=list)  # what says so, with the numbers, at the last checkpoint
 
     def __post_init__(self) -> None:
         # results written before the structured fields existed: read them off the display text "metric[embedder]"

@@ -368,11 +368,11 @@ class CheckpointSampler:
     def _progress(self, total: int, label: str):
         if not self.progress:
             return nullcontext(None)
-        from rich.progress import Progress
+        from ._progress import progress
 
         class _P:
             def __enter__(s):
-                s.p = Progress(transient=True)
+                s.p = progress(transient=True)
                 s.p.__enter__()
                 s.task = s.p.add_task(label, total=total)
                 return s

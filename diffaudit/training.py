@@ -381,9 +381,11 @@ def _save_checkpoint(unet, run_dir: Path, step: int, ema=None) -> None:
 def _progress_bar(enabled: bool, total: int, description: str):
     if not enabled:
         return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    from ._progress import progress
+
+    p = progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     task = p.add_task(description, total=total)
     p.start()
     return p, task

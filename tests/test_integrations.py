@@ -4,6 +4,7 @@ evaluation; the model that cannot copy is a tiny UNet trained a few steps."""
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -30,6 +31,8 @@ def sched():
 def monitor(train, tmp_path, **kw):
     kw.setdefault("num_samples", 24)
     kw.setdefault("num_inference_steps", 4)
+    kw.setdefault("output_dir", str(tmp_path))
+    kw.setdefault("time_budget", None)  # these steps take microseconds: a budget would space evaluations out  # the final decision's JSON goes here, not into the cwd
     return MemorizationMonitor(train, cache_dir=str(tmp_path / "cache"), **kw)
 
 
@@ -107,6 +110,8 @@ def test_lightning_callback_stops_at_onset(train, tmp_path):
     assert tr.should_stop and tr.global_step == 4 and cb.stopped_step == 4
     assert float(tr.callback_metrics["diffaudit/memorization_low"]) > 0.5
     assert float(tr.callback_metrics["diffaudit/onset"]) == 1.0
+    decision = json.loads((tmp_path / "diffaudit-monitor.json").read_text())  # written at the end of fit
+    assert decision["stopped"] and decision["onset_step"] == 2 and decision["ended_at_step"] == 4
 
 
 def test_lightning_stock_early_stopping_can_monitor_the_metric(train, tmp_path):

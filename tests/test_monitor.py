@@ -63,6 +63,7 @@ def make(train, tmp_path, **kw):
     kw.setdefault("every_n_steps", EVERY)
     kw.setdefault("num_samples", N_SAMPLES)
     kw.setdefault("num_inference_steps", STEPS)
+    kw.setdefault("time_budget", None)  # instant fake training steps: tests/test_training_path.py covers the budget
     return MemorizationMonitor(train, cache_dir=str(tmp_path / "cache"), **kw)
 
 

@@ -259,7 +259,7 @@ def test_verdict_words_from_onset_and_last_checkpoint():
     last = r.checkpoints[-1]
     last.metrics["pixel-32x32"].memorization_ratio = Estimate(0.412, 0.35, 0.475, 512)
     v = " ".join(_section(render_audit_html(r), "verdict").split())
-    assert "Memorization starts at step 3,000." in v
+    assert "Memorization starts at step 3,000: samples copy training images." in v and "Copies training images" in v
     assert "At the last checkpoint (step 5,000), 41.2% of generated samples (95% CI 35%–47.5%, n = 512)" in v
     assert "Keep the checkpoint at step 2,000 (runs/plain1/checkpoint-2000)" in v
     assert "1 generated sample was NaN/inf" in v and "3 inputs were skipped" in v

@@ -226,12 +226,16 @@ def _fill(batches, out, done, store, keys, name, n, total, progress):
 
     bar = None
     if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-        bar = Progress(TextColumn("[bold]embedding[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TimeRemainingColumn(), transient=False)
+        from .._progress import progress
+
+        bar = progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                       transient=False)
         bar.start()
-        task = bar.add_task(name, total=total)
+        from rich.markup import escape
+
+        task = bar.add_task(escape(f"embedding {name}"), total=total)
     try:
         n_seen = 0
         for rows, vecs in batches:

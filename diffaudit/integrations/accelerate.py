@@ -4,8 +4,11 @@ Call :func:`check_after_save` on **every** process right after the block that ru
 ``accelerator.save_state(save_path)`` (in ``train_unconditional.py`` that block sits inside
 ``if accelerator.is_main_process:``; put the call after it, at the same indentation as that ``if``)::
 
-    if check_after_save(accelerator, monitor, global_step, model, noise_scheduler, ema_model=ema_model):
-        break
+    check_after_save(accelerator, monitor, global_step, model, ema_model=ema_model if args.use_ema else None)
+
+then leave the batch loop and the epoch loop with ``if monitor.stopped: break`` (the README shows the exact lines
+and places), and call :func:`finish_training` once after the epoch loop: it logs the decision and writes
+``output_dir/diffaudit-monitor.json``.
 
 The main process evaluates the model (its EMA weights when ``ema_model`` is given) with the monitor; the processes
 then agree through ``accelerator.set_trigger()`` / ``accelerator.check_trigger()`` (a collective: every process
@@ -20,7 +23,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_after_save"]
+__all__ = ["check_after_save", "finish_training"]
 
 
 def check_after_save(accelerator: Any, monitor, step: int, model: Any, scheduler: Any = None, *,
@@ -67,3 +70,23 @@ def check_after_save(accelerator: Any, monitor, step: int, model: Any, scheduler
                         monitor.onset_step, step)
         return True
     return False
+
+
+def finish_training(accelerator: Any, monitor, output_dir: Any = None, step: Any = None) -> dict | None:
+    """Once, after the training loop, on every process: the main process logs the monitor's final decision (stopped
+    at, the step to keep and why, the level of memorization, the monitor's cost) through accelerate's logger and
+    writes it to ``output_dir/diffaudit-monitor.json`` (with a pointer to ``checkpoint-<keep>``). Returns the
+    decision on the main process, None elsewhere."""
+    if not getattr(accelerator, "is_main_process", True):
+        return None
+    try:
+        from accelerate.logging import get_logger
+
+        alog = get_logger("diffaudit")
+
+        def emit(line: str) -> None:
+            alog.warning(line, main_process_only=True)
+    except Exception:  # pragma: no cover - an accelerate-like object without accelerate installed
+        def emit(line: str) -> None:
+            log.warning("%s", line)
+    return monitor.finish(output_dir, step=None if step is None else int(step), log=emit)

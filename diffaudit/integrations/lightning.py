@@ -123,6 +123,11 @@ class MemorizationCallback(_pl.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
             self.monitor.close()
+            if self.monitor.history:  # the final decision: logged, and written beside the run's checkpoints
+                from lightning.pytorch.utilities import rank_zero_info
+
+                out = self.monitor.output_dir or getattr(trainer, "default_root_dir", None)
+                self.monitor.finish(out, step=int(trainer.global_step), log=rank_zero_info)
 
     # -- checkpointing ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -132,9 +132,9 @@ def denoising_losses(model, scheduler, images, *, timesteps: Sequence[int] = (10
     bs = int(batch_size)
     prog = None
     if progress:
-        from rich.progress import Progress
+        from .._progress import progress
 
-        prog = Progress(transient=True)
+        prog = progress(transient=True)
         prog.start()
         task = prog.add_task("denoising loss", total=n)
     try:

@@ -45,6 +45,7 @@ MAX_PIXELS = 89_478_485  # PIL's decompression-bomb limit; larger sample files a
 PALETTE = ("#0072B2", "#E69F00", "#CC79A7", "#56B4E9", "#444444", "#8C6D1F")
 ONSET_COLOR = "#D55E00"
 KEEP_COLOR = "#009E73"
+FIT_COLOR = "#CC79A7"
 REF_COLOR = "#767676"
 
 ESTIMATE_METRICS = {
@@ -344,10 +345,11 @@ def _swatch(color: str, dash: str = "", kind: str = "line") -> Markup:
 def line_chart(series: Sequence[Series], *, steps: Sequence[float], title: str, fmt: Callable[[Any], str],
                percent: bool = False, onset: float | None = None, keep: float | None = None,
                hlines: Sequence[HLine] = (), window: tuple[float, float] | None = None, width: int = 560,
-               height: int = 240) -> Markup:
+               height: int = 250, fit: float | None = None) -> Markup:
     """An inline SVG line chart over training steps. Every label is escaped; colours come from the palette.
-    ``window``: the stop window ``(tau_gen, end)`` drawn as a shaded band."""
-    L, R, T, B = 52, 14, 36, 34
+    ``window``: the stop window ``(tau_gen, end)`` drawn as a shaded band. Markers: ``onset`` (copies), ``fit``
+    (the model starts fitting its training images: memorizes without copying), ``keep``."""
+    L, R, T, B = 52, 14, 46, 34
     pw, ph = width - L - R, height - T - B
     xs = sorted({float(s) for s in steps})
     x0, x1 = (xs[0], xs[-1]) if xs else (0.0, 1.0)
@@ -429,8 +431,9 @@ def line_chart(series: Sequence[Series], *, steps: Sequence[float], title: str, 
                 out.append(f'<circle class="pt" cx="{X(st)}" cy="{Y(v)}" r="3" fill="{s.color}" '
                            f'data-step="{int(st)}"><title>{esc(tip)}</title></circle>')
     # onset / keep markers (labels in the top margin, one row each)
-    for step, cls, color, label, row, dash in ((onset, "onset", ONSET_COLOR, "onset", 13, ""),
-                                               (keep, "keep", KEEP_COLOR, "keep", 28, "4 3")):
+    for step, cls, color, label, row, dash in ((onset, "onset", ONSET_COLOR, "onset (copies)", 12, ""),
+                                               (fit, "fit", FIT_COLOR, "fits training set", 25, "2 2"),
+                                               (keep, "keep", KEEP_COLOR, "keep", 38, "4 3")):
         if step is None or not (x0 <= step <= x1):
             continue
         x = X(step)
@@ -534,7 +537,7 @@ def _charts(result: AuditResult, cks: list[CheckpointResult], colors: dict[str, 
         if not series:
             return False
         svg = line_chart(series, steps=steps, title=title, fmt=fmt, percent=percent, onset=onset, keep=keep,
-                         hlines=hlines, window=window)
+                         hlines=hlines, window=window, fit=on.fit_step)
         legend = [{"label": s.label, "sw": _swatch(s.color, s.dash, "band" if s.band and any(
             p[2] is not None for p in s.points) else "line")} for s in series]
         legend += [{"label": h.label, "sw": _swatch(h.color, h.dash)} for h in hlines if _f(h.y) is not None]
@@ -812,9 +815,14 @@ def _context(result: AuditResult, thumbs: _Thumbs, *, title, max_gallery, galler
     last = cks[-1] if cks else None
     e_last = signal_estimate(last, on.signal_metric, on.signal_embedder or None)[0] if last is not None else None
     risk = _risk_table(list(result.images), max_rows)
+    level_words = {"copies": ("copies", "a copy rule's onset is confirmed"),
+                   "fits": ("memorizes, no copies yet", f"fits its training images from step {fmt_step(on.fit_step)}"
+                            if on.fit_step is not None else "fits its training images"),
+                   "generalizes": ("generalizes", "no copies; membership and held-out comparison quiet")}
     cards = [
+        ("Level", *level_words.get(on.level, ("—", "not assessed"))),
         ("Onset", f"step {fmt_step(on.onset_step)}" if on.onset_step is not None else "none",
-         "first checkpoint of confirmed memorization"),
+         "first checkpoint of confirmed copying"),
         ("At last checkpoint", fmt_pct(e_last.value) if e_last is not None else "—",
          f"of samples copied (step {fmt_step(last.step)})" if last is not None else ""),
         ("Quality plateau", f"step {fmt_step(on.tau_gen)}" if on.tau_gen is not None else "—",
@@ -831,6 +839,7 @@ def _context(result: AuditResult, thumbs: _Thumbs, *, title, max_gallery, galler
                                    max_gallery=max_gallery, gallery_budget=gallery_budget)
     grid = [{"step": c.step, "tags": [w for w, hit in (("onset", c.step == on.onset_step),
                                                        ("tau_gen", c.step == on.tau_gen),
+                                                       ("fits", c.step == on.fit_step),
                                                        ("recommended", c.step == on.recommended_step)) if hit],
              "thumbs": [thumbs.get("sample", p, f"sample {p} at step {c.step}", "not kept") for p in c.grid]}
             for c in cks if c.grid]
@@ -848,8 +857,10 @@ def _context(result: AuditResult, thumbs: _Thumbs, *, title, max_gallery, galler
         "verdict": verdict,
         "cards": cards,
         "charts": _charts(result, cks, colors),
-        "chart_key": ([{"label": f"onset (step {fmt_step(on.onset_step)})", "sw": _swatch(ONSET_COLOR)}]
+        "chart_key": ([{"label": f"onset of copying (step {fmt_step(on.onset_step)})", "sw": _swatch(ONSET_COLOR)}]
                       if on.onset_step is not None else [])
+        + ([{"label": f"fits its training images, memorizes without copying (from step {fmt_step(on.fit_step)})",
+             "sw": _swatch(FIT_COLOR, "2 2")}] if on.fit_step is not None else [])
         + ([{"label": f"recommended checkpoint (step {fmt_step(on.recommended_step)})",
              "sw": _swatch(KEEP_COLOR, "4 3")}] if on.recommended_step is not None else [])
         + [{"label": "confidence interval", "sw": _swatch(REF_COLOR, kind="band")}],
