@@ -103,7 +103,7 @@ class LineProgress:
         t.last_line = time.monotonic()
         elapsed = t.last_line - t.started
         if started:
-            size = f" ({int(t.total):,} items)" if t.total is not None else ""
+            size = f" ({int(t.total):,} item{'s' * (int(t.total) != 1)})" if t.total is not None else ""
             text = f"{t.description}: started{size}"
         elif t.total:
             text = (f"{t.description}: {int(t.completed):,}/{int(t.total):,} ({t.completed / t.total:.0%}) "

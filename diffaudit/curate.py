@@ -182,22 +182,37 @@ def find_duplicates(images, embedder: Any = "pixel", threshold: float | None = N
     from .embedders import get_embedder
     from .index import duplicate_groups
 
+    from .embedders import Embeddings
+
     embed = _embed_fn(backend)
     _check_search_args(k, threshold)
-    images = as_imageset(images, "images")
-    emb = get_embedder(embedder)
+    pre = images if isinstance(images, Embeddings) else None
+    images = None if pre is not None else as_imageset(images, "images")
+    emb = _embedder_of(pre, embedder) if pre is not None else get_embedder(embedder)
     inv = _check_invariances(invariances, _is_pixel(emb), emb)
     _check_threshold(threshold, emb.metric)
-    E = embed(images, emb, cache_dir=cache_dir, progress=progress)
+    same_file: list[str] = []
+    if pre is not None:
+        E = pre
+    else:
+        E, same_file = _embed_distinct_files(images, emb, embed, cache_dir, progress)
     n = len(E)
     metric = E.metric
     skipped = _skipped(E, "images")
+    source = images.source if images is not None else f"Embeddings({E.embedder}, n={n})"
     if n < 2:
         return _attach(DuplicateReport([], [], None if threshold is None else float(threshold), E.embedder, metric,
-                                       n, skipped, "fewer than two images", int(k), images.source, list(inv)),
+                                       n, skipped, "fewer than two images", int(k), source, list(inv)),
                        _images=images)
     with _status(progress, f"searching {n:,} images for duplicates"):
         pair_scores, t, rule = duplicate_pairs(E, emb, k=int(k), threshold=threshold, invariances=inv)
+    if same_file:  # byte-identical files: embedded once, and named as such
+        n_same = 0
+        for (a, b), (score, _) in list(pair_scores.items()):
+            if same_file[a] == same_file[b]:
+                pair_scores[(a, b)] = (score, "identical file")
+                n_same += 1
+        rule += f"; byte-identical files embedded once ({n_same} pair(s) of identical files)"
     ab = np.asarray(list(pair_scores), dtype=np.int64).reshape(-1, 2)
     labels = duplicate_groups(n, ab[:, 0], ab[:, 1])
     groups: dict[int, list[int]] = {}
@@ -209,9 +224,72 @@ def find_duplicates(images, embedder: Any = "pixel", threshold: float | None = N
     pairs = [DuplicatePair(ids[a], ids[b], s, tr) for (a, b), (s, tr) in
              sorted(pair_scores.items(), key=lambda kv: (sign * kv[1][0], kv[0]))]
     report = DuplicateReport(pairs, [[ids[i] for i in g] for g in clusters], t, E.embedder, metric, n, skipped,
-                             rule, int(k), images.source, list(inv))
+                             rule, int(k), source, list(inv))
     log.info("find_duplicates: %d images, %d pairs, %d clusters (%s)", n, len(pairs), len(clusters), rule)
     return _attach(report, _images=images)
+
+
+def _embedder_of(E, embedder):
+    """The embedder precomputed Embeddings were made with: ``embedder`` when it names the same embedder (its
+    ``name`` equals ``E.embedder``); a ``pixel-HxW`` name is rebuilt from the name itself."""
+    from .embedders import get_embedder
+
+    def same(emb) -> bool:  # names of data-sized embedders end in "-auto" until they have seen images
+        n = str(emb.name)
+        return n == E.embedder or (n.endswith("-auto") and str(E.embedder).startswith(n[: -len("auto")]))
+
+    if embedder is not None and not (isinstance(embedder, str) and embedder == "pixel"):
+        emb = get_embedder(embedder)
+        if not same(emb):
+            raise ValueError(f"embedder={getattr(emb, 'name', embedder)!r} does not match the precomputed "
+                             f"embeddings, made by {E.embedder!r}")
+        return emb
+    import re
+
+    m = re.fullmatch(r"pixel-(\d+)x(\d+)(?:-.*)?", str(E.embedder))
+    if m:
+        emb = get_embedder(f"pixel:{m.group(1)}x{m.group(2)}" if m.group(1) != m.group(2) else f"pixel:{m.group(1)}")
+        if emb.name == E.embedder:
+            return emb
+    emb = get_embedder(embedder or "pixel")
+    if not same(emb):
+        raise ValueError(f"precomputed embeddings made by {E.embedder!r}: pass embedder= the same embedder "
+                         "(object or spec) so its duplicate rule applies")
+    return emb
+
+
+def _embed_distinct_files(images, emb, embed, cache_dir, progress):
+    """Exact-bytes pre-pass: byte-identical files (the same content hash, :meth:`ImageSet.item_keys`) are decoded and
+    embedded once; every copy gets its representative's vector (or its skip reason). Returns (Embeddings of the whole
+    set, content key per row -- [] when no two files share their bytes)."""
+    from .embedders import Embeddings
+    from .results import Skipped
+
+    keys = images.item_keys()
+    first: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    if len(first) == len(keys):
+        return embed(images, emb, cache_dir=cache_dir, progress=progress), []
+    ids = list(images.ids)
+    reps = sorted(first.values())
+    R = embed(images.subset(reps), emb, cache_dir=cache_dir, progress=progress)
+    row_of = {id_: r for r, id_ in enumerate(R.ids)}
+    why = {s.id: s.reason for s in R.skipped}
+    listed = set(ids)
+    rows, out_ids, out_keys = [], [], []
+    skipped = [x for x in getattr(images, "skipped", []) if x.id not in listed]  # left out by the scan itself
+    for i, key in enumerate(keys):
+        rep = ids[first[key]]
+        if rep in row_of:
+            rows.append(row_of[rep])
+            out_ids.append(ids[i])
+            out_keys.append(key)
+        else:
+            reason = why.get(rep, "not embedded")
+            skipped.append(Skipped(ids[i], reason if i == first[key] else f"{reason} (same bytes as {rep})"))
+    vectors = np.asarray(R.vectors)[np.asarray(rows, dtype=np.int64)] if rows else np.zeros((0, R.dim), np.float32)
+    return Embeddings(out_ids, vectors, R.embedder, R.metric, skipped), out_keys
 
 
 def _check_search_args(k, threshold) -> None:

@@ -296,14 +296,23 @@ class _FolderBackend(_Backend):
     def size(self, handle: _FileItem, id: str) -> tuple[int, int]:  # noqa: A002
         return handle.hw
 
-    def key(self, handle: _FileItem, id: str) -> str:  # noqa: A002
-        """A hash of the file's bytes (and the decoder version): two different images never share a key, whatever
-        their names, sizes and times; a file that cannot be read gets a key of its path (it is skipped anyway)."""
+    @staticmethod
+    def _memo(handle: _FileItem):
         try:
             st = os.stat(handle.path)
         except OSError:
-            st = None
-        memo = (handle.path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev) if st is not None else None
+            return None
+        return (handle.path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+    def known_key(self, handle: _FileItem) -> str | None:
+        """The memoised key of a file unchanged since it was hashed (one stat), else None."""
+        memo = self._memo(handle)
+        return _CONTENT_KEYS.get(memo) if memo is not None else None
+
+    def key(self, handle: _FileItem, id: str) -> str:  # noqa: A002
+        """A hash of the file's bytes (and the decoder version): two different images never share a key, whatever
+        their names, sizes and times; a file that cannot be read gets a key of its path (it is skipped anyway)."""
+        memo = self._memo(handle)
         got = _CONTENT_KEYS.get(memo) if memo is not None else None
         if got is None:
             h = hashlib.blake2b(b"diffaudit-content-v" + DECODE_VERSION.encode(), digest_size=20)
@@ -995,10 +1004,17 @@ class ImageSet:
         """Per-item cache keys, computed from the content at every call: files -> a hash of their bytes (memoised
         per path, size, mtime and inode), arrays / datasets -> a hash of the pixels (an array changed in place gets
         new keys). Two different images never share a key."""
-        if self._backend.threaded and len(self._handles) > 64:
+        known = getattr(self._backend, "known_key", None)
+        keys = [known(h) for h in self._handles] if known is not None else [None] * len(self._handles)
+        todo = [j for j, k in enumerate(keys) if k is None]
+        if self._backend.threaded and len(todo) > 64:  # hashing reads files: overlap the reads
             with cf.ThreadPoolExecutor(_default_workers(None)) as ex:
-                return list(ex.map(self._backend.key, self._handles, self.ids))
-        return [self._backend.key(h, i) for h, i in zip(self._handles, self.ids)]
+                got = list(ex.map(self._backend.key, [self._handles[j] for j in todo], [self.ids[j] for j in todo]))
+        else:
+            got = [self._backend.key(self._handles[j], self.ids[j]) for j in todo]
+        for j, k in zip(todo, got):
+            keys[j] = k
+        return keys
 
     def remote_parts(self) -> tuple[list[str], list, Any, str]:
         """``(ids, per-item handles, decoding backend, source)``: the picklable parts another process (a Ray actor)

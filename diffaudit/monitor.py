@@ -342,6 +342,9 @@ class MemorizationMonitor:
         memorization onset is confirmed (stop training), and keeps returning :attr:`stopped` between evaluations,
         at no cost."""
         step = int(step)
+        if self._steps and step < max(self._steps):
+            raise ValueError(f"update: step={step} is lower than the last evaluated step {max(self._steps)}; "
+                             "training steps must increase (a resumed run: load_state_dict first, then continue)")
         if not self.due(step):
             return self.stopped
         return self.evaluate(step, model_or_pipeline, scheduler=scheduler)

@@ -284,7 +284,8 @@ class DuplicatePair(JsonMixin):
     """Two images within the duplicate threshold; ``score`` in the embedder's units (L2 distance or cosine).
 
     ``transform``: ``""`` when the images were compared as they are, ``"hflip"`` when ``id_a`` mirrored left-right
-    is what matched ``id_b`` (the pixel embedder's ``hflip`` invariance)."""
+    is what matched ``id_b`` (the pixel embedder's ``hflip`` invariance), ``"identical file"`` when the two files
+    have the same bytes (found by the exact-bytes pre-pass, embedded once)."""
 
     id_a: str
     id_b: str

@@ -29,11 +29,14 @@ def invoke(*args):
 
 
 _BAR = re.compile(r"\d+/\d+ +(\d+:)?\d+:\d\d\s*$")  # a rich progress line: "... 3/8 0:00:01"
+# a plain progress line (stderr not a terminal): "auditing checkpoints: started (2 items)", "...: 1/2 (50%) 0:00:03"
+_LINE = re.compile(r": (started( \([\d,]+ items?\))?|[\d,]+(/[\d,]+ \(\d+%\))? \d+:\d\d:\d\d)$")
 
 
 def error_lines(output: str) -> list[str]:
-    """Output lines that are not progress bars (the error message must be exactly one of them)."""
-    return [ln for ln in output.splitlines() if ln.strip() and "━" not in ln and not _BAR.search(ln)]
+    """Output lines that are not progress bars or progress lines (the error message must be exactly one of them)."""
+    return [ln for ln in output.splitlines()
+            if ln.strip() and "━" not in ln and not _BAR.search(ln) and not _LINE.search(ln)]
 
 
 class _Text(HTMLParser):

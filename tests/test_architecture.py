@@ -23,7 +23,7 @@ LAYERS = [
     ["metrics"],
     ["embedders", "index", "cache", "distributed"],
     ["data", "checkpoints", "sampling"],
-    ["results", "_serial", "_util", "_format"],
+    ["results", "_serial", "_util", "_format", "_progress"],
 ]
 ALLOWED_UPWARD = {("diffaudit.results", f"diffaudit.report{m}") for m in ("", ".gallery", ".loo", ".compare")}
 

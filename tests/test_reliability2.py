@@ -211,7 +211,7 @@ def test_monitor_refuses_a_step_lower_than_the_last(tmp_path):
     sched = DDPMScheduler(num_train_timesteps=1000)
     g = GaussianDenoiser.fit(imgs, sched, diagonal=True)
     m = MemorizationMonitor(ImageSet.from_arrays(imgs), every_n_steps=10, num_samples=4, num_inference_steps=2,
-                            scheduler=sched, cache_dir=str(tmp_path), loss_max_images=4)
+                            scheduler=sched, cache_dir=str(tmp_path), loss_max_images=4, time_budget=None)
     m.update(10, g)
     with pytest.raises(ValueError, match="lower than the last evaluated step 10"):
         m.update(-10, g)

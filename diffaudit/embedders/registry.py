@@ -87,8 +87,11 @@ def _sscd(arg, **kw):
             kw.setdefault("size", int(arg))
         elif arg in ("small_edge", "square"):
             kw.setdefault("resize", arg)
+        elif arg == "distilled":
+            kw.setdefault("variant", "distilled")
         else:
-            raise ValueError(f"embedder='sscd:{arg}': expected 'sscd', 'sscd:<size>' or 'sscd:square'")
+            raise ValueError(f"embedder='sscd:{arg}': expected 'sscd', 'sscd:<size>', 'sscd:square' or "
+                             "'sscd:distilled'")
     return SSCDEmbedder(**kw)
 
 
