@@ -18,7 +18,8 @@ Sets (``--side`` px RGB, uint8):
 
 * ``noise``: uniformly random images, all distinct;
 * ``noise-dup10``: n/10 random images, each present 10 times (45 true pairs per cluster);
-* ``flat``: flat images of random grey levels (true pairs in closed form from the grey levels), raw pixels (``invariances=()``; with the default brightness invariance
+* ``flat``: flat images of random grey levels (true pairs by brute force over the grey levels; the structure guard
+  keeps only identical ones), raw pixels (``invariances=()``; with the default brightness invariance
   every flat image is a duplicate of every other, by definition, and the output alone is n^2/2 pairs);
 * ``blank``: the same flat images with the default invariances: one group of identical (mean-centred) images,
   listed as a star of n - 1 pairs (groups of more than 64 identical images are);
@@ -71,7 +72,9 @@ def flat_truth(x: np.ndarray, V: np.ndarray, t: float) -> tuple[int, list[list[i
     levels, first = np.unique(g, return_index=True)
     R = V[first].astype(np.float64)
     D = np.sqrt(((R[:, None, :] - R[None, :, :]) ** 2).sum(-1))
-    near = D <= t * (1 + 1e-6)
+    # the default rule's structure guard: within 1/3 of each image's own contrast -- flat images have none, so only
+    # identical ones remain duplicates
+    near = (D <= t * (1 + 1e-6)) & (D <= 0)
     counts = np.bincount(g, minlength=256)[levels]
     pairs = int((counts * (counts - 1) // 2).sum()) + int((np.triu(near, 1) * np.outer(counts, counts)).sum())
     from scipy.sparse.csgraph import connected_components

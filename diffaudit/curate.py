@@ -29,6 +29,11 @@ Default duplicate thresholds (override with ``threshold=`` in the embedder's sco
   where a fixed PSNR would merge distinct images. Exact copies (distance 0) are always duplicates. Other L2 embedders
   use ``t_rel`` alone (r_a = nearest neighbour at distance > 0). The chosen value and rule are in the report.
 
+  *Structure guard* (pixel, default rule only): a pair also needs a distance of at most 1/3 of each image's own
+  contrast (its L2 distance to its own mean grey level). Smooth look-alikes -- patches of sky, flat backgrounds --
+  differ by less than a JPEG re-encoding does in absolute terms, yet by as much as their whole structure; they are
+  not duplicates. Identical images (distance 0) always are.
+
 Pixel duplicates are compared the way a curator means "the same image" (``invariances``, default for the pixel
 embedder ``("brightness", "hflip")``):
 
@@ -77,6 +82,9 @@ FAMILY_DUPLICATE_THRESHOLDS = {"sscd": (0.75, "SSCD, Pizzi et al. 2022: ~90% cop
 INVARIANCES = ("brightness", "hflip")
 #: the pixel embedder's default invariances
 PIXEL_INVARIANCES = ("brightness", "hflip")
+#: structure guard of the default pixel rule: a pair's distance must also be at most this fraction of each image's
+#: own contrast (its distance to its own mean grey level), so smooth look-alikes are not duplicates of each other
+STRUCTURE_RATIO = 1.0 / 3.0
 #: the coarse search of pixel duplicates runs on vectors average-pooled to about this many pixels on a side
 COARSE_SIDE = 8
 
@@ -445,9 +453,31 @@ def _pixel_duplicates(vectors: np.ndarray, size: tuple[int, int], k: int, thresh
     h, w = int(size[0]), int(size[1])
     X = vectors if vectors.flags.writeable else np.array(vectors, dtype=np.float32)
     n = len(X)
-    if "brightness" in inv:
-        for s in range(0, n, 4096):
-            X[s:s + 4096] -= X[s:s + 4096].mean(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
+    contrast = np.empty(n, np.float64)  # each image's distance to its own mean grey level (structure guard)
+    for s in range(0, n, 4096):
+        B = X[s:s + 4096]
+        mu = B.mean(axis=1, keepdims=True, dtype=np.float64)
+        contrast[s:s + 4096] = np.sqrt(np.maximum(np.einsum("ij,ij->i", B, B, dtype=np.float64)
+                                                  - B.shape[1] * mu[:, 0] ** 2, 0.0))
+        if "brightness" in inv:
+            B -= mu.astype(np.float32)
+    pair_scores, t, rule = _pixel_groups(X, h, w, k, threshold, inv, emb, n)
+    if threshold is None and pair_scores:  # the default rule's structure guard
+        ab = np.asarray(list(pair_scores), dtype=np.int64)
+        sc = np.asarray([v[0] for v in pair_scores.values()], dtype=np.float64)
+        ok = (sc <= 0.0) | (sc <= STRUCTURE_RATIO * np.minimum(contrast[ab[:, 0]], contrast[ab[:, 1]]))
+        dropped = int((~ok).sum())
+        if dropped:
+            keys = list(pair_scores)
+            for j in np.nonzero(~ok)[0].tolist():
+                del pair_scores[keys[j]]
+        rule += (f"; and <= 1/3 of each image's own contrast (its distance to its mean grey level: smooth "
+                 f"look-alikes are not duplicates; {dropped} pair(s) left out)")
+    return pair_scores, t, rule
+
+
+def _pixel_groups(X: np.ndarray, h: int, w: int, k: int, threshold, inv, emb, n: int):
+    """:func:`_pixel_search` on the distinct rows of (centred) X, expanded back to all rows."""
     # identical vectors (exact copies; with "brightness", flat images of any grey level) are searched once
     X = np.ascontiguousarray(X)
     _, first, inverse, counts = np.unique(X.view(np.dtype((np.void, X.shape[1] * X.itemsize))).reshape(-1),

@@ -81,6 +81,10 @@ class EmbedderReference:
         float32 similarities of exact copies can exceed 1 by an ulp, and a negative distance is refused downstream)."""
         return scores if self.metric == "l2" else np.clip(1.0 - scores, 0.0, 2.0)
 
+    def as_score(self, distance: float) -> float:
+        """A distance back in the embedder's score units (the inverse of :meth:`as_distance`)."""
+        return float(distance) if self.metric == "l2" else float(1.0 - distance)
+
     def quality(self, fake: np.ndarray, confidence: float = 0.95):
         """:class:`~diffaudit.results.EmbedderQuality` of sample vectors ``fake`` (None with fewer than k + 1 of them
         or of the real images)."""
@@ -295,7 +299,7 @@ def evaluate_samples(
     """Metrics of one checkpoint's (finite) samples, uint8 NHWC, against the reference set, per embedder."""
     from .data import ImageSet
     from .embedders import embed
-    from .metrics import authenticity, ct_statistic, top1_summary
+    from .metrics import authenticity, ct_statistic, heldout_calibrated_rate, top1_summary
 
     n = len(images)
     idx_list = list(sample_indices) if sample_indices is not None else list(range(n))
@@ -328,6 +332,12 @@ def evaluate_samples(
         if r.heldout_top1 is not None:
             m.heldout_top1_mean = float(np.mean(r.heldout_top1))
             m.heldout_ct_z = ct_statistic(d[:, 0], r.as_distance(r.heldout_top1))
+            rate, (t, lo, hi) = heldout_calibrated_rate(d[:, 0], r.as_distance(r.heldout_top1),
+                                                        confidence=confidence)
+            m.heldout_calibrated_rate = rate
+            m.heldout_calibrated_threshold = r.as_score(t)
+            ci = [r.as_score(v) if np.isfinite(v) else None for v in (lo, hi)]
+            m.heldout_calibrated_threshold_ci = ci if r.metric == "l2" else ci[::-1]
         auth, _ = authenticity(d[:, 0], nn[:, 0].astype(np.int64), r.as_distance(r.self_scores[:, 0]), confidence=confidence)
         m.authenticity = auth.value
         m.quality = r.quality(e.vectors, confidence)

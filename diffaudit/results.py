@@ -89,6 +89,12 @@ class EmbedderMetrics(JsonMixin):
     heldout_ct_z: Optional[float] = None
     authenticity: Optional[float] = None  # fraction of samples judged authentic (not copies)
     heldout_top1_mean: Optional[float] = None  # held-out real images' top-1 score to train, same units
+    # a copy threshold calibrated on the data (diffaudit.metrics.heldout_quantile_threshold): the score only 1% of
+    # held-out real images reach, its order-statistic CI, and the fraction of samples beyond it (~1% if novel);
+    # reported beside the literature's fixed thresholds, never replacing them
+    heldout_calibrated_threshold: Optional[float] = None
+    heldout_calibrated_threshold_ci: Optional[list[Optional[float]]] = None
+    heldout_calibrated_rate: Optional[Estimate] = None
     # Carlini et al. 2023 (tiled embedder): fraction of samples with calibrated ratio below its threshold
     extraction_fraction: Optional[Estimate] = None
     calibrated_ratio_median: Optional[float] = None

@@ -435,3 +435,16 @@ def test_config_errors(tmp_path):
         AuditConfig.from_yaml(tmp_path / "missing.yaml")
     with pytest.raises(ValueError, match="sampler"):
         AuditConfig(sampler="euler")
+
+
+def test_calibrated_copy_rate_beside_the_fixed_rule(data, tmp_path):
+    """The memorizer's samples are nearer to the training set than 99% of held-out images; a diagonal Gaussian's
+    are not. The fixed rule's threshold stays what it is."""
+    diag = GaussianDenoiser.fit(data["train"], data["sched"], diagonal=True)
+    mem = _audit(data, [(1, data["opt"])], tmp_path / "m", num_samples=24).checkpoints[0].metrics["pixel-16x16"]
+    gen = _audit(data, [(1, diag)], tmp_path / "g", num_samples=24).checkpoints[0].metrics["pixel-16x16"]
+    assert mem.heldout_calibrated_rate.low > 0.5 and gen.heldout_calibrated_rate.value <= 0.1
+    lo, hi = mem.heldout_calibrated_threshold_ci
+    assert lo is None or lo <= mem.heldout_calibrated_threshold
+    assert hi is None or mem.heldout_calibrated_threshold <= hi
+    assert mem.threshold == gen.threshold  # the literature's rule is untouched

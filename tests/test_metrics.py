@@ -485,3 +485,35 @@ def test_denoising_losses_batch_size_property(bs, seed):
     ref = M.denoising_losses(model, sch, imgs, timesteps=(100,), noise_draws=1, batch_size=64, seed=seed)
     got = M.denoising_losses(model, sch, imgs, timesteps=(100,), noise_draws=1, batch_size=bs, seed=seed)
     np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a copy threshold calibrated on held-out images
+
+
+def test_heldout_quantile_threshold_known_answer_and_coverage():
+    from diffaudit.metrics import heldout_quantile_threshold
+
+    rng = np.random.default_rng(0)
+    t, lo, hi = heldout_quantile_threshold(rng.exponential(1.0, 20000), 0.01)
+    true = -np.log(0.99)  # the exponential's 1% quantile, closed form
+    assert lo <= true <= hi and abs(t - true) < 0.0015
+    hits = 0
+    for _ in range(300):  # distribution-free order-statistic interval: coverage at least the nominal 95%
+        _, lo, hi = heldout_quantile_threshold(rng.exponential(1.0, 400), 0.01)
+        hits += lo <= true <= hi
+    assert hits / 300 >= 0.93
+    _, lo, hi = heldout_quantile_threshold(rng.exponential(1.0, 20), 0.01)  # too few for a lower bound
+    assert lo == -np.inf and np.isfinite(hi)
+
+
+def test_heldout_calibrated_rate_separates_novel_from_copied():
+    from diffaudit.metrics import heldout_calibrated_rate
+
+    rng = np.random.default_rng(1)
+    held = rng.exponential(1.0, 2000)
+    novel, _ = heldout_calibrated_rate(rng.exponential(1.0, 4000), held)  # samples as novel as held-out images
+    assert novel.low <= 0.01 <= novel.high + 0.005 and novel.value < 0.02
+    copied = np.concatenate([np.zeros(400), rng.exponential(1.0, 600)])  # 40% exact copies
+    rate, (t, lo, hi) = heldout_calibrated_rate(copied, held)
+    assert 0.39 <= rate.value <= 0.43 and rate.low > 0.3 and lo <= t <= hi

@@ -387,7 +387,11 @@ def _brute_pairs(V: np.ndarray, side: int, t: float, inv) -> set[tuple[int, int]
     D = np.sqrt(((X[:, None] - X[None]) ** 2).sum(-1))
     if "hflip" in inv:
         D = np.minimum(D, np.sqrt(((M[:, None] - X[None]) ** 2).sum(-1)))
-    a, b = np.nonzero(np.triu(D <= t * (1 + 1e-6), 1))
+    # the default rule's structure guard: also within 1/3 of each image's own contrast (distance to its mean)
+    raw = V.astype(np.float64)
+    contrast = np.sqrt(((raw - raw.mean(axis=1, keepdims=True)) ** 2).sum(1))
+    guard = (D <= 0) | (D <= np.minimum(contrast[:, None], contrast[None, :]) / 3 * (1 + 1e-6))
+    a, b = np.nonzero(np.triu((D <= t * (1 + 1e-6)) & guard, 1))
     return set(zip(a.tolist(), b.tolist()))
 
 

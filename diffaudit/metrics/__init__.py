@@ -16,10 +16,13 @@ from .extraction import (
     train_knn_mean,
 )
 from .heldout import (
+    HELDOUT_QUANTILE,
     assign_cells,
     authenticity,
     ct_statistic,
     data_copying_test,
+    heldout_calibrated_rate,
+    heldout_quantile_threshold,
     kmeans_cells,
     mann_whitney_z,
 )
@@ -37,6 +40,9 @@ from .replication import SOMEPALLI_THRESHOLD, replication_rate, top1_summary
 from .stats import bootstrap_ci, proportion_estimate, wilson_interval
 
 __all__ = [
+    "HELDOUT_QUANTILE",
+    "heldout_calibrated_rate",
+    "heldout_quantile_threshold",
     "CARLINI_ALPHA",
     "CARLINI_N",
     "CARLINI_THRESHOLD",

@@ -134,3 +134,44 @@ def authenticity(sample_nn_dist, sample_nn_idx, train_nn_dist, *,
         raise ValueError(f"sample_nn_idx must index train_nn_dist (0..{t.size - 1}); got {idx.min()}..{idx.max()}")
     mask = d > t[idx]
     return proportion_estimate(mask, confidence=confidence), mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a copy threshold calibrated on the data: what real unseen images reach
+
+#: held-out calibration: a sample is a copy when it is closer to the training set than all but this fraction of
+#: held-out real images are (the 1st percentile of held-out top-1 distances = the 99th of similarities)
+HELDOUT_QUANTILE = 0.01
+
+
+def heldout_quantile_threshold(heldout_d, q: float = HELDOUT_QUANTILE, confidence: float = 0.95):
+    """The ``q``-quantile of held-out images' distances to their nearest training image, with a distribution-free
+    confidence interval (order statistics: the quantile's rank among m held-out images is Binomial(m, q)).
+
+    Returns ``(threshold, low, high)`` in distance units (``low``/``high``: the order statistics bracketing the
+    quantile at ``confidence``; ``-inf`` / ``+inf`` when m is too small for the bound to exist). A sample whose
+    top-1 distance is below the threshold is closer to the training set than a fraction ``q`` of real unseen
+    images are: under the null that samples are as novel as held-out images, about ``q`` of them fall below it.
+    """
+    from scipy.stats import binom
+
+    d = np.sort(as_1d(heldout_d, "heldout_d").astype(np.float64))
+    m = len(d)
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"q={q!r} must be in (0, 1)")
+    t = float(np.quantile(d, q, method="lower"))
+    a = (1.0 - float(confidence)) / 2.0
+    lo_rank = int(binom.ppf(a, m, q))  # 0-based order statistics d[lo_rank - 1] <= quantile <= d[hi_rank]
+    hi_rank = int(binom.ppf(1.0 - a, m, q))
+    low = float(d[lo_rank - 1]) if lo_rank >= 1 else float("-inf")
+    high = float(d[hi_rank]) if hi_rank < m else float("inf")
+    return t, low, high
+
+
+def heldout_calibrated_rate(sample_d, heldout_d, *, q: float = HELDOUT_QUANTILE, confidence: float = 0.95):
+    """Fraction of samples whose top-1 distance to the training set is below the held-out ``q``-quantile
+    (:func:`heldout_quantile_threshold`), as an Estimate (Wilson interval), and the threshold ``(t, low, high)``.
+    About ``q`` when samples are as novel as real unseen images; well above it when the model copies."""
+    t, low, high = heldout_quantile_threshold(heldout_d, q, confidence)
+    s = as_1d(sample_d, "sample_d")
+    return proportion_estimate(s < t, confidence=confidence), (t, low, high)

@@ -638,6 +638,12 @@ def _charts(result: AuditResult, cks: list[CheckpointResult], colors: dict[str, 
         "(copying); around 0 is healthy.",
         [Series(n, _pts(cks, m_get(n, "heldout_ct_z")), colors[n], band=False) for n in names],
         fmt=fmt_num, hlines=[HLine(0.0, "no difference")])
+    add("calibrated", "Closer than 99% of held-out images",
+        "A copy threshold calibrated on the data: the share of samples nearer to the training set than all but 1% "
+        "of held-out real images are (about 1% when samples are as novel as real unseen images; shaded: "
+        "confidence interval). Shown beside the literature's fixed thresholds, not instead of them.",
+        [Series(n, _pts(cks, m_get(n, "heldout_calibrated_rate")), colors[n]) for n in names],
+        fmt=fmt_pct, percent=True, hlines=[HLine(0.01, "1%: as novel as held-out images")])
     add("authenticity", "Authenticity",
         "Share of samples judged authentic, i.e. not copies (Alaa et al. 2022). Higher is better.",
         [Series(n, _pts(cks, m_get(n, "authenticity")), colors[n], band=False) for n in names],

