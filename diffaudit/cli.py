@@ -132,6 +132,10 @@ def dedup(
     invariances: Optional[str] = typer.Option(
         None, "--invariances",
         help="pixel embedder: what to ignore, comma-separated: brightness, hflip (default both), or none."),
+    ratio: Optional[float] = typer.Option(
+        None, "--ratio",
+        help="Ratio rule instead of a fixed threshold (e.g. 0.5): a duplicate stands out from the image's other "
+             "neighbours (d_j <= ratio x d_(j+1)); robust on photographs with look-alike regions."),
 ) -> None:
     """Find duplicated training images (pairs and clusters); writes HTML + JSON + CSV."""
     from . import curate
@@ -143,7 +147,7 @@ def dedup(
     emb = get_embedder(embedder, **({"weights": str(weights)} if weights else {}))
     kw = {"backend": backend} if backend != "local" else {}
     report = curate.find_duplicates(images, embedder=emb, threshold=threshold, cache_dir=cache_dir, progress=True,
-                                    invariances=invariances, **kw)
+                                    invariances=invariances, ratio=ratio, **kw)
     report.to_json(out_dir / "duplicates.json")
     report.to_csv(out_dir / "duplicates.csv")
     report.to_html(out_dir / "duplicates.html", images=images)

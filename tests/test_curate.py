@@ -530,3 +530,74 @@ def test_find_duplicates_on_precomputed_embeddings(tmp_path):
     assert len(c.pairs) >= len(b.pairs)
     with pytest.raises(ValueError, match="does not match the precomputed"):
         find_duplicates(E, "pixel:8")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the ratio rule
+
+
+def _ratio_brute(D, ratio, k, cap):
+    """The documented rule by brute force over a full distance matrix (diagonal inf)."""
+    out = set()
+    for a in range(len(D)):
+        order = np.argsort(D[a], kind="stable")[: k + 1]
+        d = D[a, order]
+        ok = [j for j in range(min(k, len(d) - 1)) if d[j] <= cap and d[j] <= ratio * d[j + 1]]
+        if ok:
+            out |= {frozenset((a, int(order[j]))) for j in range(max(ok) + 1) if d[j] <= cap}
+    return out
+
+
+def test_ratio_rule_pairs_copies_not_look_alikes():
+    """A tight cluster of 40 look-alikes (all about equally close: no gap) and 10 distinct images, each with one
+    planted near copy: the ratio rule finds exactly the copies; a fixed threshold either misses copies or swallows
+    the cluster."""
+    from diffaudit.curate import ratio_pairs
+    from diffaudit.embedders import Embeddings
+
+    rng = np.random.default_rng(0)
+    center = rng.normal(size=64)
+    look = center + 0.05 * rng.normal(size=(40, 64))      # pairwise distances ~0.4
+    distinct = 3.0 * rng.normal(size=(10, 64))
+    copies = distinct + 0.1 * rng.normal(size=(10, 64))  # distance ~0.8 to their source, beyond the look-alikes
+    V = np.concatenate([look, distinct, copies]).astype(np.float32)
+    E = Embeddings([f"i{j}" for j in range(len(V))], V, "vec-64", "l2")
+    pairs, cap, rule = ratio_pairs(E, "pixel:8", 0.5, k=10, cap=10.0)  # l2 embedder stand-in: only the metric
+    got = {frozenset(p) for p in pairs}
+    assert got == {frozenset((40 + j, 50 + j)) for j in range(10)}
+    D = np.sqrt(((V[:, None].astype(np.float64) - V[None]) ** 2).sum(-1))
+    np.fill_diagonal(D, np.inf)
+    assert got == _ratio_brute(D, 0.5, 10, 10.0)
+    assert "ratio rule" in rule
+    # no fixed threshold does both: the copies' distance exceeds the closest look-alike pairs
+    assert D[:40, :40].min() < max(D[40 + j, 50 + j] for j in range(10))
+
+
+@pytest.mark.parametrize("inv", [(), ("brightness", "hflip")])
+def test_ratio_rule_on_pixels_equals_brute_force(tmp_path, inv):
+    from diffaudit.curate import find_duplicates
+    from diffaudit.data import ImageSet
+    from diffaudit.embedders import embed, get_embedder
+
+    x = digits_rgb(60, 16, seed=9)
+    x = np.concatenate([x, x[:5, :, ::-1], np.clip(x[5:10].astype(np.int16) + 9, 0, 255).astype(np.uint8)])
+    images = ImageSet.from_arrays(x)
+    rep = find_duplicates(images, "pixel:16", ratio=0.5, invariances=inv, cache_dir=str(tmp_path))
+    E = embed(images, get_embedder("pixel:16"), cache_dir=str(tmp_path))
+    V = np.asarray(E.vectors, np.float64)
+    if "brightness" in inv:
+        V = V - V.mean(1, keepdims=True)
+    D = np.sqrt(((V[:, None] - V[None]) ** 2).sum(-1))
+    if "hflip" in inv:
+        M = V.reshape(-1, 16, 16, 3)[:, :, ::-1].reshape(len(V), -1)
+        D = np.minimum(D, np.sqrt(((M[:, None] - V[None]) ** 2).sum(-1)))
+    np.fill_diagonal(D, np.inf)
+    cap = 10 ** (-20 / 20) * np.sqrt(V.shape[1])
+    ids = list(E.ids)
+    want = {frozenset((ids[a], ids[b])) for a, b in map(tuple, _ratio_brute(D, 0.5, 10, cap))}
+    assert {frozenset((p.id_a, p.id_b)) for p in rep.pairs} == want
+    if inv:  # the mirrored and brightened copies are found
+        assert all(frozenset((ids[j], ids[60 + j])) in want for j in range(5))
+        assert all(frozenset((ids[5 + j], ids[65 + j])) in want for j in range(5))
+    with pytest.raises(ValueError, match="ratio="):
+        find_duplicates(images, ratio=1.5, cache_dir=str(tmp_path))
