@@ -25,6 +25,26 @@ STATE_FORMAT = "diffaudit.MemorizationMonitor/1"
 
 
 
+#: the monitor's default cost budget: a fraction of training wall time (``DIFFAUDIT_TIME_BUDGET`` overrides it:
+#: a fraction, or ``none`` for no budget)
+DEFAULT_TIME_BUDGET = 0.10
+
+
+def _default_budget() -> Optional[float]:
+    v = os.environ.get("DIFFAUDIT_TIME_BUDGET", "").strip().lower()
+    if not v:
+        return DEFAULT_TIME_BUDGET
+    if v in ("none", "off", "0"):
+        return None
+    try:
+        f = float(v)
+    except ValueError:
+        raise ValueError(f"DIFFAUDIT_TIME_BUDGET={v!r}: expected a fraction in (0, 1) or 'none'") from None
+    if not 0.0 < f < 1.0:
+        raise ValueError(f"DIFFAUDIT_TIME_BUDGET={v!r}: expected a fraction in (0, 1) or 'none'")
+    return f
+
+
 def _env_rank() -> Optional[int]:
     """This process's rank from the launcher's environment (torchrun, accelerate, Lightning), None when unset."""
     for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
@@ -102,7 +122,7 @@ class MemorizationMonitor:
         loss_max_images: int = 256,
         gallery_size: int = 4,
         lazy: Optional[bool] = None,
-        time_budget: Optional[float] = 0.10,
+        time_budget: Optional[float] | str = "default",
         min_samples: int = 64,
         output_dir=None,
     ) -> None:
@@ -123,6 +143,8 @@ class MemorizationMonitor:
         self.loss_max_images = _int("loss_max_images", loss_max_images, 1)
         self.gallery_size = _int("gallery_size", gallery_size, 0)
         self.min_samples = min(_int("min_samples", min_samples, 2), self.num_samples)
+        if isinstance(time_budget, str) and time_budget == "default":
+            time_budget = _default_budget()
         if time_budget is not None and not (isinstance(time_budget, (int, float)) and not isinstance(time_budget, bool)
                                             and 0.0 < float(time_budget) < 1.0):
             raise ValueError(f"MemorizationMonitor: time_budget={time_budget!r} must be a fraction in (0, 1) of the "
@@ -167,6 +189,7 @@ class MemorizationMonitor:
         # cost budget (see the class docstring): wall clock since the reference data was ready, evaluation seconds
         self._clock_start: Optional[float] = None
         self._eval_seconds = 0.0
+        self._last_eval_end: Optional[float] = None
         self._stride = 1  # evaluate every stride-th checkpoint the cadence offers
         self._samples_now = self.num_samples
         self.adaptations: list[dict] = []  # what the budget changed, when and why
@@ -360,43 +383,40 @@ class MemorizationMonitor:
         wall = time.perf_counter() - self._clock_start
         return self._eval_seconds / wall if wall > 0 else None
 
-    def _keep_budget(self, step: int, seconds: float) -> None:
-        """After an evaluation: keep evaluations within ``time_budget`` of the wall time. After the first one the
-        sample count is lowered once (to no fewer than ``min_samples``; the first n of the same seeds, so copy
-        fractions stay comparable); after that, and when even that is not enough, only every 2nd, 4th, ...
-        checkpoint is evaluated (every evaluation stays comparable). Each change is logged and recorded in
-        :attr:`adaptations`."""
-        import time
-
+    def _keep_budget(self, step: int, seconds: float, train_seconds: float) -> None:
+        """After an evaluation that took ``seconds`` following ``train_seconds`` of training since the previous one:
+        keep evaluations within ``time_budget`` of the wall time, judged on this interval (the cost of an
+        evaluation against the training time of one checkpoint interval). After the first evaluation the sample
+        count is lowered once (to no fewer than ``min_samples``; the first n of the same seeds, so copy fractions
+        stay comparable); whenever that is not enough, only every 2nd, 4th, ... checkpoint is evaluated (every
+        evaluation stays comparable), and the spacing comes back down when evaluations get cheaper. Each change
+        is logged and recorded in :attr:`adaptations`."""
         b = self.time_budget
-        frac = self.cost_fraction
-        if b is None or frac is None or frac <= b:
+        if b is None or self._clock_start is None:
             return
-        wall = time.perf_counter() - self._clock_start
-        train = max(wall - self._eval_seconds, 1e-9)
-        evals = len(self.history)
-        per_interval = train / max(1, evals)  # training seconds per evaluated interval so far
+        per_interval = max(train_seconds / self._stride, 1e-9)  # training seconds per every_n_steps steps
         allowed = b / (1.0 - b) * per_interval  # evaluation seconds per interval within the budget
         what = []
-        if evals == 1 and self._samples_now > self.min_samples:
+        if len(self.history) == 1 and self._samples_now > self.min_samples and seconds > allowed:
             n = int(max(self.min_samples, min(self._samples_now, self._samples_now * allowed / max(seconds, 1e-9))))
             if n < self._samples_now:
-                seconds = seconds * n / self._samples_now
+                seconds = seconds * n / self._samples_now  # sampling dominates an evaluation's cost
                 self._samples_now = n
                 self._sampler.num_samples = n
                 what.append(f"{n} samples per evaluation (the first {n} of the same seeds)")
-        need = max(1, math.ceil(seconds / max(allowed, 1e-9)))
+        need = max(1, math.ceil(seconds / max(allowed, 1e-9) - 1e-9))
         stride = 1 << max(0, math.ceil(math.log2(need))) if need > 1 else 1
-        if evals > 1 and frac > 1.5 * b:
-            stride = max(stride, self._stride * 2)
-        if stride > self._stride:
+        if stride != self._stride:
             self._stride = stride
-            what.append(f"every {stride} checkpoints (every {self.every_n_steps * stride} steps)")
+            what.append(f"every {stride} checkpoint{'s' * (stride != 1)} (every {self.every_n_steps * stride} "
+                        "steps)")
         if what:
-            self.adaptations.append({"step": int(step), "cost_fraction": round(frac, 4),
-                                     "num_samples": self._samples_now, "every_n_steps": self.every_n_steps * self._stride})
-            _log.warning("monitor: evaluations took %.0f%% of the training time so far (budget %.0f%%); from now on: "
-                         "%s", 100 * frac, 100 * b, "; ".join(what))
+            frac = seconds / (seconds + per_interval * self._stride)
+            self.adaptations.append({"step": int(step), "interval_cost_fraction": round(frac, 4),
+                                     "num_samples": self._samples_now, "every_n_steps": self.every_n_steps * stride})
+            _log.warning("monitor: one evaluation costs %.0f%% of a checkpoint interval's training time (budget "
+                         "%.0f%%); from now on: %s", 100 * seconds / (seconds + per_interval), 100 * b,
+                         "; ".join(what))
 
     # -- one evaluation -----------------------------------------------------------------------------------------
     def evaluate(self, step: int, model_or_pipeline, scheduler=None, *, path: Optional[str] = None) -> bool:
@@ -472,13 +492,15 @@ class MemorizationMonitor:
         self._eval_seconds += seconds
         if self._clock_start is None:
             self._clock_start = t0
+        train_seconds = t0 - (self._last_eval_end if self._last_eval_end is not None else self._clock_start)
+        self._last_eval_end = time.perf_counter()
         _log.info("%s (%.1fs)", self.summary_line(), seconds)
         if newly:
             rec = self.recommendation
             _log.warning("memorization onset confirmed at step %d (%s); %s", self._onset_step, self.signal_name,
                          f"keep step {rec.step}" if rec.step is not None else rec.reason)
         if not self.stopped:
-            self._keep_budget(step, seconds)
+            self._keep_budget(step, seconds, max(train_seconds, 0.0))
         return self.stopped
 
     # -- the final decision ---------------------------------------------------------------------------------------

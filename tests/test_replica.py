@@ -198,7 +198,10 @@ def test_readme_snippet_stops_the_script_at_onset(tmp_path, train_dir, case):
     cfg = {"train_data_dir": str(train_dir), "output_dir": str(out), "checkpointing_steps": 10,
            "learning_rate": 0.2, "use_ema": True, "save_model_epochs": 1, **case}
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+           "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1",
+           # these steps take milliseconds: under the default budget the evaluations would be spaced out by wall
+           # time, and the stop step would depend on the machine's load (tests/test_training_path.py tests it)
+           "DIFFAUDIT_TIME_BUDGET": "none"}
     r = subprocess.run([sys.executable, str(script), json.dumps(cfg)], capture_output=True, text=True, env=env,
                        timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

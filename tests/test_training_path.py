@@ -53,7 +53,7 @@ def test_monitor_keeps_its_cost_within_the_budget(tmp_path, data, caplog):
     assert mon.history[0].num_samples == 128
     gaps = {b - a for a, b in zip(mon.evaluated_steps, mon.evaluated_steps[1:])}
     assert max(gaps) > 2  # evaluations spaced out
-    assert "budget 10%" in caplog.text and "from now on" in caplog.text
+    assert "of a checkpoint interval" in caplog.text and "budget 10%" in caplog.text and "from now on" in caplog.text
     d = mon.decision()
     assert d["adaptations"] == mon.adaptations and d["every_n_steps"] > 2
     assert d["cost_fraction"] < 0.5  # the first evaluations alone were far above the budget
