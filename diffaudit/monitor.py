@@ -95,6 +95,13 @@ class MemorizationMonitor:
 
     ``lazy``: build the reference data at the first evaluation instead of now. Default (None): now, except in a
     non-zero rank of a distributed launch (``RANK``/``LOCAL_RANK`` set and > 0), which never evaluates.
+
+    Cost budget: ``time_budget`` (default 0.10, or ``$DIFFAUDIT_TIME_BUDGET``; None = no budget) is the share of
+    the training wall time evaluations may take, measured as training runs. Before the first evaluation a timing
+    probe of a few samples sizes the sample count (no fewer than ``min_samples``; the first n of the same seeds, so
+    every evaluation uses the same samples); after each evaluation, when it took more than the budget of its
+    checkpoint interval, only every 2nd, 4th, ... checkpoint is evaluated (closer again once well within it). Each
+    change is logged and kept in :attr:`adaptations`. ``output_dir``: where :meth:`finish` writes the decision.
     """
 
     def __init__(
@@ -383,6 +390,40 @@ class MemorizationMonitor:
         wall = time.perf_counter() - self._clock_start
         return self._eval_seconds / wall if wall > 0 else None
 
+    #: samples drawn to time sampling before the first evaluation (the cost budget sizes that evaluation from it)
+    PROBE_SAMPLES = 8
+
+    def _size_first_evaluation(self, smp, model, t0: float) -> None:
+        """Before the first evaluation: time ``PROBE_SAMPLES`` samples and pick the sample count that keeps one
+        evaluation within the budget of the training time seen so far (no fewer than ``min_samples``), so every
+        evaluation, the first included, uses the same samples (the first n of the same seeds)."""
+        import time
+
+        if self._samples_now <= self.min_samples or self._clock_start is None:
+            return
+        train_seconds = t0 - self._clock_start
+        b = self.time_budget
+        allowed = b / (1.0 - b) * max(train_seconds, 1e-9)
+        probe_n = min(self.PROBE_SAMPLES, self._samples_now)
+        full = smp.num_samples
+        smp.num_samples = probe_n
+        t = time.perf_counter()
+        try:
+            smp.sample(model)
+        finally:
+            smp.num_samples = full
+        per_sample = (time.perf_counter() - t) / probe_n
+        want = int(allowed / max(per_sample, 1e-9))
+        n = max(self.min_samples, min(self._samples_now, want))
+        if n < self._samples_now:
+            self._samples_now = n
+            smp.num_samples = n
+            self.adaptations.append({"step": None, "probe_seconds_per_sample": round(per_sample, 4),
+                                     "num_samples": n, "every_n_steps": self.every_n_steps * self._stride})
+            _log.warning("monitor: sampling takes %.2fs per sample and training took %.0fs to the first "
+                         "evaluation; within the %.0f%% budget: %d samples per evaluation (the first %d of the same "
+                         "seeds)", per_sample, train_seconds, 100 * b, n, n)
+
     def _keep_budget(self, step: int, seconds: float, train_seconds: float) -> None:
         """After an evaluation that took ``seconds`` following ``train_seconds`` of training since the previous one:
         keep evaluations within ``time_budget`` of the wall time, judged on this interval (the cost of an
@@ -394,6 +435,7 @@ class MemorizationMonitor:
         b = self.time_budget
         if b is None or self._clock_start is None:
             return
+        measured = seconds
         per_interval = max(train_seconds / self._stride, 1e-9)  # training seconds per every_n_steps steps
         allowed = b / (1.0 - b) * per_interval  # evaluation seconds per interval within the budget
         what = []
@@ -404,19 +446,27 @@ class MemorizationMonitor:
                 self._samples_now = n
                 self._sampler.num_samples = n
                 what.append(f"{n} samples per evaluation (the first {n} of the same seeds)")
-        need = max(1, math.ceil(seconds / max(allowed, 1e-9) - 1e-9))
-        stride = 1 << max(0, math.ceil(math.log2(need))) if need > 1 else 1
+        def pow2(x: float) -> int:
+            need = max(1, math.ceil(x - 1e-9))
+            return 1 << max(0, math.ceil(math.log2(need))) if need > 1 else 1
+
+        up, down = pow2(seconds / max(allowed, 1e-9)), pow2(seconds / max(0.7 * allowed, 1e-9))
+        # hysteresis: space evaluations out as soon as they exceed the budget, bring them closer only when they
+        # would stay well within it (30% margin), so the spacing does not flip between two values
+        stride = up if up > self._stride else (down if down < self._stride else self._stride)
         if stride != self._stride:
             self._stride = stride
             what.append(f"every {stride} checkpoint{'s' * (stride != 1)} (every {self.every_n_steps * stride} "
                         "steps)")
         if what:
-            frac = seconds / (seconds + per_interval * self._stride)
-            self.adaptations.append({"step": int(step), "interval_cost_fraction": round(frac, 4),
-                                     "num_samples": self._samples_now, "every_n_steps": self.every_n_steps * stride})
-            _log.warning("monitor: one evaluation costs %.0f%% of a checkpoint interval's training time (budget "
-                         "%.0f%%); from now on: %s", 100 * seconds / (seconds + per_interval), 100 * b,
-                         "; ".join(what))
+            was = measured / (measured + max(train_seconds, 1e-9))
+            expect = seconds / (seconds + per_interval * self._stride)
+            self.adaptations.append({"step": int(step), "measured_cost_fraction": round(was, 4),
+                                     "expected_cost_fraction": round(expect, 4), "num_samples": self._samples_now,
+                                     "every_n_steps": self.every_n_steps * stride})
+            _log.warning("monitor: the evaluation at step %d took %.0f%% of the wall time since the last one (budget "
+                         "%.0f%%); from now on: %s (about %.0f%%)", step, 100 * was, 100 * b, "; ".join(what),
+                         100 * expect)
 
     # -- one evaluation -----------------------------------------------------------------------------------------
     def evaluate(self, step: int, model_or_pipeline, scheduler=None, *, path: Optional[str] = None) -> bool:
@@ -459,6 +509,8 @@ class MemorizationMonitor:
             smp = self._sampler
             smp.scheduler = sched
             smp.device = target
+            if not self.history and self.time_budget is not None:
+                self._size_first_evaluation(smp, model_or_pipeline, t0)
             return smp.sample(model_or_pipeline)
 
         rng_devices = [target.index or 0] if target.type == "cuda" else []

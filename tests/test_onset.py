@@ -134,3 +134,58 @@ def test_recommend_edge_cases():
     assert recommend_checkpoint([], None).step is None
     with pytest.raises(ValueError, match="heldout_losses"):
         recommend_checkpoint(STEPS, None, heldout_losses=[0.1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# levels of memorization and near-copies in the verdict
+
+
+def _ck(step, third, half, auc=None, z=None):
+    from diffaudit.results import CheckpointResult, EmbedderMetrics, Estimate
+
+    m = EmbedderMetrics("pixel-8x8", "l2", None, 100,
+                        memorization_ratio=Estimate(third, max(0.0, third - 0.03), third + 0.03, 100),
+                        memorization_ratio_half=Estimate(half, half, half, 100), heldout_ct_z=z)
+    return CheckpointResult(step, f"s{step}", 100, metrics={"pixel-8x8": m}, membership_auc=auc,
+                            onset_signal=m.memorization_ratio)
+
+
+def _info(cks):
+    from diffaudit.onset import onset_info
+
+    return onset_info(OnsetRule(), cks, copy_rule="gu", signal_metric="memorization_ratio",
+                      signal_embedder="pixel-8x8")
+
+
+def test_fit_level_needs_patience_and_is_named_with_its_numbers():
+    from diffaudit.onset import verdict
+
+    cks = [_ck(100, 0.0, 0.0, 0.6, 1.0), _ck(200, 0.0, 0.13, 0.95, -7.5), _ck(300, 0.0, 0.13, 1.0, -7.5)]
+    info = _info(cks)
+    assert (info.level, info.fit_step, info.onset_step) == ("fits", 200, None)
+    v = verdict(cks, info)
+    assert v.badge == "Memorizes without copying yet" and "from step 200" in v.headline
+    assert "membership AUC 1.00" in v.text and "C_T z = -7.5" in v.text
+    assert "13.0% more of the samples are near-copies" in v.text or "13% more of the samples" in v.text
+    # one checkpoint of fit evidence is not a level (patience 2), as for the copy onset
+    info2 = _info(cks[:2])
+    assert info2.level == "generalizes" and info2.fit_step is None
+
+
+def test_recommended_checkpoint_after_the_fit_level_is_called_out():
+    from diffaudit.onset import verdict
+
+    cks = [_ck(100, 0.0, 0.0, 0.5, 0.5), _ck(200, 0.0, 0.0, 0.9, -4.0), _ck(300, 0.0, 0.0, 0.95, -5.0)]
+    info = _info(cks)
+    assert info.fit_step == 200 and info.recommended_step >= 200  # no held-out loss: the latest checkpoint
+    assert "comes after the model starts fitting its training images (step 200)" in verdict(cks, info).text
+    assert "the last checkpoint before that is step 100" in verdict(cks, info).text
+
+
+def test_without_heldout_the_fit_level_is_not_measured():
+    from diffaudit.onset import verdict
+
+    cks = [_ck(100, 0.0, 0.0), _ck(200, 0.0, 0.0)]
+    info = _info(cks)
+    assert info.level == "generalizes"
+    assert "Without a held-out set" in verdict(cks, info).text
