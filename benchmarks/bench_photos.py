@@ -112,6 +112,8 @@ def main() -> None:
     ap.add_argument("--per-kind", type=int, default=30)
     ap.add_argument("--sscd-weights", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--keep", default=None, help="build the set in this folder (and write truth.json beside it) and "
+                    "keep it, for peers run from another environment (benchmarks/peers_photos.py)")
     args = ap.parse_args()
     from diffaudit.curate import find_duplicates
     from diffaudit.data import ImageSet
@@ -120,8 +122,13 @@ def main() -> None:
     print(f"load average {os.getloadavg()[0]:.2f} (cores: {os.cpu_count()})")
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "photos"
+        folder = Path(args.keep) / "photos" if args.keep else Path(tmp) / "photos"
+        if args.keep and folder.exists():
+            raise SystemExit(f"--keep {args.keep}: {folder} exists already; give an empty folder")
         n, truth, blank = build(folder, args.patch, args.per_kind)
+        if args.keep:
+            (Path(args.keep) / "truth.json").write_text(json.dumps(
+                {"pairs": [sorted(k) + [v] for k, v in truth.items()], "blank": sorted(blank)}))
         images = ImageSet.from_folder(str(folder))
         print(f"{n} patches of {args.patch} px from {len(PHOTOS)} photographs, {len(truth)} planted copies "
               f"({args.per_kind} per kind), {len(images)} files")
