@@ -15,7 +15,7 @@ import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
@@ -54,7 +54,7 @@ class AuditConfig:
     ema: str = "prefer"  # prefer | only | never
     unet_config: Optional[str] = None
     base_pipeline: Optional[str] = None
-    prompts: Optional[str] = None  # text file, one prompt per line
+    prompts: Optional[Union[str, list[str]]] = None  # a prompts file (.txt/.jsonl/.json/.csv) or the prompts themselves
     seeds_per_prompt: int = 1
     guidance_scale: float = 7.5
     batch_size: int = 64
@@ -308,9 +308,14 @@ def audit(
     if cfg.prompts:
         from .sampling import read_prompts
 
-        prompts = read_prompts(cfg.prompts)
-        if not prompts:
-            raise ValueError(f"prompts={cfg.prompts!r}: the file holds no prompt")
+        if isinstance(cfg.prompts, (list, tuple)):  # the prompts themselves
+            prompts = [str(p) for p in cfg.prompts]
+            if not prompts or not all(p.strip() for p in prompts):
+                raise ValueError("prompts: the list is empty or holds an empty prompt")
+        else:
+            prompts = read_prompts(cfg.prompts)
+            if not prompts:
+                raise ValueError(f"prompts={cfg.prompts!r}: the file holds no prompt")
     sampler = CheckpointSampler(
         run.new_scheduler(), cfg.num_samples, seed=cfg.seed, num_inference_steps=cfg.num_inference_steps,
         sampler=cfg.sampler, batch_size=cfg.batch_size, eta=cfg.eta, device=cfg.device, prompts=prompts,

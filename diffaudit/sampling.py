@@ -283,6 +283,12 @@ class CheckpointSampler:
                 num_samples = len(prompts) * int(seeds_per_prompt)
         if num_samples is None or int(num_samples) < 1:
             raise ValueError(f"num_samples={num_samples}: must be >= 1")
+        if prompts is not None:
+            used = min(len(prompts), -(-int(num_samples) // int(seeds_per_prompt)))
+            if used < len(prompts):  # never silently: say how many captions are sampled
+                log.warning("sampling %d of %d prompts (num_samples=%d / seeds_per_prompt=%d); the first %d are used "
+                            "-- pass num_samples=%d to cover every prompt", used, len(prompts), int(num_samples),
+                            int(seeds_per_prompt), used, len(prompts) * int(seeds_per_prompt))
         if hasattr(scheduler, "checkpoints") and hasattr(scheduler, "scheduler"):  # a CheckpointRun
             scheduler = scheduler.scheduler
         if scheduler is not None:

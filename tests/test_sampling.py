@@ -321,3 +321,34 @@ def test_save_load_and_resume(tmp_path, train8, sched):
     assert calls == [1, 1]
     (samples_dir(tmp_path, 7) / "samples.json").unlink()  # an interrupted save is not complete
     assert load_saved_samples(tmp_path, 7) is None
+
+
+def test_prompts_not_all_sampled_are_announced(caplog):
+    import logging
+
+    from diffusers import DDPMScheduler
+
+    from diffaudit.sampling import CheckpointSampler
+
+    sched = DDPMScheduler(num_train_timesteps=100)
+    prompts = [f"caption {i}" for i in range(8)]
+    with caplog.at_level(logging.WARNING, logger="diffaudit"):
+        s = CheckpointSampler(sched, 4, prompts=prompts, seeds_per_prompt=1)
+    assert "sampling 4 of 8 prompts" in caplog.text and "num_samples=8" in caplog.text
+    assert [s.prompt_for(i) for i in range(4)] == prompts[:4]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="diffaudit"):
+        CheckpointSampler(sched, 16, prompts=prompts, seeds_per_prompt=2)
+    assert "sampling" not in caplog.text  # every prompt covered: nothing to say
+
+
+def test_audit_takes_the_prompts_themselves(tmp_path):
+    from diffaudit.audit import audit
+    from diffaudit.data import ImageSet
+
+    train = ImageSet.from_arrays(np.random.default_rng(0).integers(0, 255, (6, 8, 8, 3), dtype=np.uint8))
+    pipe = FakeTextPipe(1.0)
+    r = audit([(1, pipe)], train=train, prompts=["a cat", "a dog"], seeds_per_prompt=2, num_samples=4,
+              num_inference_steps=2, cache_dir=str(tmp_path), device="cpu")
+    assert [c["prompt"] for c in pipe.calls][0] == ["a cat", "a cat", "a dog", "a dog"]
+    assert r.provenance.sampler["num_prompts"] == 2 and r.checkpoints[0].num_samples == 4
