@@ -427,25 +427,17 @@ class MemorizationMonitor:
     def _keep_budget(self, step: int, seconds: float, train_seconds: float) -> None:
         """After an evaluation that took ``seconds`` following ``train_seconds`` of training since the previous one:
         keep evaluations within ``time_budget`` of the wall time, judged on this interval (the cost of an
-        evaluation against the training time of one checkpoint interval). After the first evaluation the sample
-        count is lowered once (to no fewer than ``min_samples``; the first n of the same seeds, so copy fractions
-        stay comparable); whenever that is not enough, only every 2nd, 4th, ... checkpoint is evaluated (every
-        evaluation stays comparable), and the spacing comes back down when evaluations get cheaper. Each change
-        is logged and recorded in :attr:`adaptations`."""
+        evaluation against the training time of one checkpoint interval): when it is exceeded, only every 2nd,
+        4th, ... checkpoint is evaluated, and the spacing comes back down when evaluations get cheaper. The sample
+        count is not changed here (:meth:`_size_first_evaluation` sized it once), so every evaluation uses the same
+        samples. Each change is logged and recorded in :attr:`adaptations`."""
         b = self.time_budget
         if b is None or self._clock_start is None:
             return
         measured = seconds
         per_interval = max(train_seconds / self._stride, 1e-9)  # training seconds per every_n_steps steps
         allowed = b / (1.0 - b) * per_interval  # evaluation seconds per interval within the budget
-        what = []
-        if len(self.history) == 1 and self._samples_now > self.min_samples and seconds > allowed:
-            n = int(max(self.min_samples, min(self._samples_now, self._samples_now * allowed / max(seconds, 1e-9))))
-            if n < self._samples_now:
-                seconds = seconds * n / self._samples_now  # sampling dominates an evaluation's cost
-                self._samples_now = n
-                self._sampler.num_samples = n
-                what.append(f"{n} samples per evaluation (the first {n} of the same seeds)")
+        what = []  # the sample count was sized before the first evaluation and stays: evaluations stay comparable
         def pow2(x: float) -> int:
             need = max(1, math.ceil(x - 1e-9))
             return 1 << max(0, math.ceil(math.log2(need))) if need > 1 else 1
