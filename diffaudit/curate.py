@@ -600,12 +600,48 @@ def _pixel_duplicates(vectors: np.ndarray, size: tuple[int, int], k: int, thresh
     return pair_scores, t, rule
 
 
+def _identical_rows(X: np.ndarray):
+    """Groups of byte-identical rows of X, like ``np.unique(rows, return_index, return_inverse, return_counts)``
+    but without sorting whole rows: rows are bucketed by a random projection (one dot product each) and only rows
+    sharing a bucket are compared exactly. Returns (first row of each group, group of each row, group sizes);
+    groups are numbered by the order of their first row's projection."""
+    n = len(X)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    r = np.random.default_rng(0).standard_normal(X.shape[1]).astype(np.float32)
+    proj = X @ r
+    order = np.argsort(proj, kind="stable")
+    sp = proj[order]
+    starts = np.flatnonzero(np.r_[True, sp[1:] != sp[:-1]])
+    ends = np.r_[starts[1:], n]
+    group = np.empty(n, np.int64)
+    first: list[int] = []
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        rows = order[a:b]
+        if b - a == 1:
+            group[rows[0]] = len(first)
+            first.append(int(rows[0]))
+            continue
+        rows = np.sort(rows)
+        reps: list[int] = []  # exact comparison inside a bucket (equal projections are almost always equal rows)
+        for i in rows.tolist():
+            for g, rep in reps:
+                if np.array_equal(X[i], X[rep]):
+                    group[i] = g
+                    break
+            else:
+                reps.append((len(first), i))
+                group[i] = len(first)
+                first.append(i)
+    first_arr = np.asarray(first, np.int64)
+    return first_arr, group, np.bincount(group, minlength=len(first_arr))
+
+
 def _pixel_groups(X: np.ndarray, h: int, w: int, k: int, threshold, inv, emb, n: int):
     """:func:`_pixel_search` on the distinct rows of (centred) X, expanded back to all rows."""
     # identical vectors (exact copies; with "brightness", flat images of any grey level) are searched once
     X = np.ascontiguousarray(X)
-    _, first, inverse, counts = np.unique(X.view(np.dtype((np.void, X.shape[1] * X.itemsize))).reshape(-1),
-                                          return_index=True, return_inverse=True, return_counts=True)
+    first, inverse, counts = _identical_rows(X)
     if len(first) == n:
         return _pixel_search(X, h, w, k, threshold, inv, emb, None)
     order = np.argsort(first)  # unique rows in image-set order
