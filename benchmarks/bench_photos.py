@@ -32,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
+from peers_photos import KINDS, score  # one scoring for diffaudit and the peers (numpy-free: runs in their venv)
+
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "immunohistochemistry", "hubble_deep_field",
           "retina", "brick", "grass", "gravel", "moon", "colorwheel")
-KINDS = ("exact", "jpeg", "crop", "resize", "bright", "hflip")
 
 
 def patches(side: int) -> list[np.ndarray]:
@@ -89,21 +90,6 @@ def build(folder: Path, side: int, per_kind: int, seed: int = 0):
     return len(ps), truth, blank
 
 
-def score(pairs, truth, blank=frozenset()) -> dict:
-    """Precision over all pairs, and over the pairs that do not join two *blank* patches (standard deviation under
-    2 grey levels: e.g. the black border of the retina photograph -- identical once their mean is removed, which a
-    curator would call duplicates although they are distinct crops)."""
-    found = {frozenset(p) for p in pairs}
-    tp = found & set(truth)
-    nonblank = {p for p in found if not p <= blank}
-    out = {"pairs": len(found), "precision": round(len(tp) / len(found), 3) if found else None,
-           "blank_pairs": len(found) - len(nonblank),
-           "precision_nonblank": round(len(tp & nonblank) / len(nonblank), 3) if nonblank else None,
-           "recall": round(len(tp) / len(truth), 3)}
-    for kind in KINDS:
-        want = {k for k, v in truth.items() if v == kind}
-        out[f"recall_{kind}"] = round(len(want & found) / len(want), 3)
-    return out
 
 
 def main() -> None:

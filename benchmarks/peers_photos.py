@@ -22,11 +22,15 @@ from pathlib import Path
 KINDS = ("exact", "jpeg", "crop", "resize", "bright", "hflip")
 
 
-def score(pairs, truth, blank) -> dict:
+def score(pairs, truth, blank=frozenset()) -> dict:
+    """Precision over all pairs, and over the pairs that do not join two *blank* patches (standard deviation under
+    2 grey levels: e.g. the black border of the retina photograph -- identical once their mean is removed, which a
+    curator would call duplicates although they are distinct crops)."""
     found = {frozenset(p) for p in pairs}
     tp = found & set(truth)
     nonblank = {p for p in found if not p <= blank}
     out = {"pairs": len(found), "precision": round(len(tp) / len(found), 3) if found else None,
+           "blank_pairs": len(found) - len(nonblank),
            "precision_nonblank": round(len(tp & nonblank) / len(nonblank), 3) if nonblank else None,
            "recall": round(len(tp) / len(truth), 3)}
     for kind in KINDS:

@@ -726,24 +726,25 @@ def _pixel_search(X: np.ndarray, h: int, w: int, k: int, threshold: float | None
             r, c = np.nonzero(near)
             a, b = rows[r], I[r, c]
             F = _pair_distances(X, h, w, a, b, mirror)
-            tr = "hflip" if mirror else ""
-            for ai, bi, f in zip(a[F <= t].tolist(), b[F <= t].tolist(), F[F <= t].tolist()):
-                key = (ai, bi) if ai < bi else (bi, ai)
-                if key not in pair_scores or f < pair_scores[key][0]:
-                    pair_scores[key] = (f, tr)  # a mirror is its own inverse: the transform is symmetric
+            tr = "hflip" if mirror else ""  # a mirror is its own inverse: the transform is symmetric
+            _keep_closest(pair_scores, a[F <= t], b[F <= t], F[F <= t], tr)
             sat = near[:, -1] if kk < n - 1 else np.zeros(len(rows), bool)
             if not sat.any():
                 break
             searched, rows, kk = len(rows), rows[sat], min(n - 1, kk * 4)  # all may be duplicates: look further
             if _exact_is_cheaper(kk, n, len(rows), searched):  # pooled vectors do not separate them: all pairs
-                a, b, F = _exact_within(X, h, w, rows, t, mirror)
-                for ai, bi, f in zip(a.tolist(), b.tolist(), F.tolist()):
-                    key = (ai, bi) if ai < bi else (bi, ai)
-                    if key not in pair_scores or f < pair_scores[key][0]:
-                        pair_scores[key] = (f, tr)
+                _keep_closest(pair_scores, *_exact_within(X, h, w, rows, t, mirror), tr)
                 break
             D, I = candidates(Q[rows], rows, kk)
     return pair_scores, t, rule
+
+
+def _keep_closest(pair_scores: dict, a: np.ndarray, b: np.ndarray, F: np.ndarray, tr: str) -> None:
+    """Record pairs (a[i], b[i]) at distance F[i] under transform ``tr``, keeping each pair's smaller distance."""
+    for ai, bi, f in zip(a.tolist(), b.tolist(), F.tolist()):
+        key = (ai, bi) if ai < bi else (bi, ai)
+        if key not in pair_scores or f < pair_scores[key][0]:
+            pair_scores[key] = (f, tr)
 
 
 #: re-scoring one candidate pair by direct differences (a gather, a subtraction, a dot product: memory-bound) costs

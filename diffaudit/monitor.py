@@ -434,7 +434,6 @@ class MemorizationMonitor:
         b = self.time_budget
         if b is None or self._clock_start is None:
             return
-        measured = seconds
         per_interval = max(train_seconds / self._stride, 1e-9)  # training seconds per every_n_steps steps
         allowed = b / (1.0 - b) * per_interval  # evaluation seconds per interval within the budget
         what = []  # the sample count was sized before the first evaluation and stays: evaluations stay comparable
@@ -451,7 +450,7 @@ class MemorizationMonitor:
             what.append(f"every {stride} checkpoint{'s' * (stride != 1)} (every {self.every_n_steps * stride} "
                         "steps)")
         if what:
-            was = measured / (measured + max(train_seconds, 1e-9))
+            was = seconds / (seconds + max(train_seconds, 1e-9))
             expect = seconds / (seconds + per_interval * self._stride)
             self.adaptations.append({"step": int(step), "measured_cost_fraction": round(was, 4),
                                      "expected_cost_fraction": round(expect, 4), "num_samples": self._samples_now,
@@ -551,7 +550,7 @@ class MemorizationMonitor:
     def decision(self) -> dict:
         """The monitor's decision as plain JSON values: stopped or not, onset of copying, the level of memorization,
         the checkpoint to keep and why, what the budget changed, and the verdict text."""
-        info = self._onset_info()
+        info = self._onset_info() if self.history else None
         last = max(self._steps) if self._steps else None
         out = {
             "stopped": bool(self.stopped), "onset_step": self._onset_step, "level": info.level if info else "",
@@ -566,8 +565,7 @@ class MemorizationMonitor:
         return out
 
     def _onset_info(self):
-        if not self.history:
-            return None
+        """The shared rule's decision (:func:`diffaudit.onset.onset_info`) over the history so far."""
         p = self._ref.primary if self._ref is not None else None
         return onset_info(self.rule, self.history, copy_rule=p.rule.name if p else "",
                           signal_metric=p.rule.signal if p else "", signal_embedder=p.name if p else "",
@@ -689,9 +687,7 @@ class MemorizationMonitor:
         from .results import AuditResult
 
         ref = self.reference
-        p = ref.primary
-        onset = onset_info(self.rule, self.history, copy_rule=p.rule.name, signal_metric=p.rule.signal,
-                           signal_embedder=p.name, onset_step=self._onset_step, decided=True)
+        onset = self._onset_info()
         prov = provenance(
             ref, version=__version__, run=str(run), seed=self.seed, num_samples=self.num_samples,
             sampler={"sampler": self.sampler_name, "num_inference_steps": self.num_inference_steps,
