@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import math
 import os
 import shutil
@@ -36,6 +37,28 @@ log = logging.getLogger(__name__)
 # configuration
 
 
+#: sampling precisions an audit accepts (``--dtype``)
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def torch_dtype(name: Optional[str], device: Any = None):
+    """The torch dtype for ``--dtype`` (None: None, the model's own); half precision only on CUDA (CPU kernels for
+    float16 convolutions are missing or slow, and a silent fallback would change the samples)."""
+    if name is None:
+        return None
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r}: allowed values are {', '.join(DTYPES)}")
+    if name != "float32":
+        from ._util import default_device
+
+        dev = str(device or default_device())
+        if not dev.startswith("cuda"):
+            raise ValueError(f"dtype={name!r} needs a CUDA device (device is {dev!r}); use float32 on CPU")
+    return getattr(torch, name)
+
+
 @dataclass
 class AuditConfig:
     """Everything an audit needs; YAML presets in ``configs/`` set these keys (unknown keys are errors)."""
@@ -55,8 +78,13 @@ class AuditConfig:
     unet_config: Optional[str] = None
     base_pipeline: Optional[str] = None
     prompts: Optional[Union[str, list[str]]] = None  # a prompts file (.txt/.jsonl/.json/.csv) or the prompts themselves
+    caption_column: Optional[str] = None  # column of a prompts file / metadata.jsonl / saved dataset (default: text)
     seeds_per_prompt: int = 1
     guidance_scale: float = 7.5
+    resolution: Optional[int] = None  # text-to-image sample size in pixels (default: the UNet's sample_size x VAE factor)
+    prompt_score_generations: int = 1  # Wen et al.'s prompt score: seeds per prompt (0: off); text-to-image only
+    prompt_score_steps: int = 1  # ... and first sampling steps averaged
+    dtype: Optional[str] = None  # float32 | float16 | bfloat16 (default float32; half precision needs a GPU)
     batch_size: int = 64
     loss_timesteps: list[int] = field(default_factory=lambda: [100])
     loss_noise_draws: int = 2
@@ -94,6 +122,12 @@ class AuditConfig:
             ("seeds_per_prompt", self.seeds_per_prompt >= 1, "an integer >= 1"),
             ("gallery_size", self.gallery_size >= 0, "an integer >= 0"),
             ("embedders", len(self.embedders) >= 1, "at least one embedder spec"),
+            ("resolution", self.resolution is None or (isinstance(self.resolution, int) and self.resolution >= 8),
+             "an integer >= 8 (pixels) or unset"),
+            ("dtype", self.dtype in (None, *DTYPES), f"one of {', '.join(DTYPES)} or unset"),
+            ("prompt_score_generations", self.prompt_score_generations >= 0, "an integer >= 0 (0: off)"),
+            ("prompt_score_steps", 1 <= self.prompt_score_steps <= self.num_inference_steps,
+             "an integer from 1 to num_inference_steps"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -296,14 +330,30 @@ def audit(
                                    unet_config=cfg.unet_config)
     if not run.checkpoints:
         raise ValueError(f"checkpoints={cfg.run!r}: no checkpoints found")
+    notes: list[str] = []
     if getattr(run, "conditional", False) and not cfg.prompts:
-        raise ValueError(f"prompts: {str(run.root)!r} is a text-to-image run; pass prompts= (--prompts FILE: the "
-                         "captions to sample) -- checked before any embedding or sampling")
+        from .sampling import caption_metadata
+
+        meta = caption_metadata(train_set) if isinstance(train_set, (str, os.PathLike)) else None
+        if meta is None:
+            raise ValueError(f"prompts: {str(run.root)!r} is a text-to-image run; pass prompts= (--prompts FILE or a "
+                             "captioned image folder: the captions to sample), or give a train folder with a "
+                             "metadata.jsonl -- checked before any embedding or sampling")
+        cfg = cfg.replace(prompts=str(meta))  # recorded in the provenance
+        log.info("text-to-image run without prompts: sampling the training captions of %s", meta)
+    dtype = torch_dtype(cfg.dtype, cfg.device)
     if getattr(run, "conditional", False):
         _check_sd_extra(run)
 
+    captions = heldout_captions = None
+    if getattr(run, "conditional", False) or cfg.prompts:  # the text-conditional loss needs each image's caption
+        captions, heldout_captions = _folder_captions(train_set, cfg), _folder_captions(heldout_set, cfg)
+        if captions is None:
+            notes.append("no captions for the training images (metadata.jsonl in the train folder): the "
+                         "text-conditional loss, loss gap and membership AUC were not measured")
     ref = ReferenceSet(train_set, heldout_set, emb_specs, weights=cfg.weights, cache_dir=cfg.cache_dir,
-                       outlier_k=cfg.outlier_k, outlier_quantile=cfg.outlier_quantile, progress=progress)
+                       outlier_k=cfg.outlier_k, outlier_quantile=cfg.outlier_quantile, progress=progress,
+                       captions=captions, heldout_captions=heldout_captions)
     prompts = None
     if cfg.prompts:
         from .sampling import read_prompts
@@ -313,14 +363,23 @@ def audit(
             if not prompts or not all(p.strip() for p in prompts):
                 raise ValueError("prompts: the list is empty or holds an empty prompt")
         else:
-            prompts = read_prompts(cfg.prompts)
+            prompts = read_prompts(cfg.prompts, cfg.caption_column)
             if not prompts:
                 raise ValueError(f"prompts={cfg.prompts!r}: the file holds no prompt")
+    if cfg.resolution is not None and not getattr(run, "conditional", False):
+        raise ValueError("resolution: only text-to-image runs take a sampling resolution (an unconditional UNet "
+                         "samples at its own config.sample_size)")
     sampler = CheckpointSampler(
         run.new_scheduler(), cfg.num_samples, seed=cfg.seed, num_inference_steps=cfg.num_inference_steps,
         sampler=cfg.sampler, batch_size=cfg.batch_size, eta=cfg.eta, device=cfg.device, prompts=prompts,
-        seeds_per_prompt=cfg.seeds_per_prompt, guidance_scale=cfg.guidance_scale,
+        seeds_per_prompt=cfg.seeds_per_prompt, guidance_scale=cfg.guidance_scale, image_size=cfg.resolution,
+        dtype=dtype,
     )
+    if prompts is not None:
+        used = sampler.prompts_used()
+        if used < len(prompts):
+            notes.append(f"{used} of {len(prompts)} prompts sampled (num_samples {cfg.num_samples} / seeds_per_prompt "
+                         f"{cfg.seeds_per_prompt}); pass --samples {len(prompts) * cfg.seeds_per_prompt} to cover all")
 
     results: list[CheckpointResult] = []
     skipped = list(ref.skipped) + [s.at("checkpoints") for s in run.skipped]
@@ -337,19 +396,26 @@ def audit(
 
             def load_model(ckpt=ckpt, loaded=loaded):
                 if "model" not in loaded:
-                    loaded["model"] = run.load(ckpt, device=cfg.device)
+                    loaded["model"] = run.load(ckpt, device=cfg.device, dtype=dtype)
                 return loaded["model"]
 
             def sample(ckpt=ckpt, load_model=load_model):
                 if keep:
-                    return sampler.sample_or_load(load_model, out_path / "samples", ckpt.step,
-                                                  checkpoint_id=_checkpoint_id(run, ckpt))
-                return sampler.sample(load_model())
+                    batch = sampler.sample_or_load(load_model, out_path / "samples", ckpt.step,
+                                                   checkpoint_id=_checkpoint_id(run, ckpt))
+                else:
+                    batch = sampler.sample(load_model())
+                if prompts is not None and not getattr(batch, "prompts", None):
+                    batch.prompts = [sampler.prompt_for(int(i)) for i in batch.indices]
+                return batch
 
             ev = evaluate_checkpoint(
                 ref, ckpt.step, ckpt.path, sample=sample, model=load_model, scheduler=run.new_scheduler(),
                 loss=loss, confidence=cfg.confidence, gallery_size=cfg.gallery_size, device=cfg.device,
                 sample_path=(lambda i, s=ckpt.step: f"samples/step-{s}/sample_{i:05d}.png") if keep else None)
+            ev.result.final = bool(getattr(ckpt, "final", False))
+            if prompts is not None and not ev.result.failed:
+                _score_prompts(ev, load_model(), prompts[:sampler.prompts_used()], cfg)
             skipped += ev.skipped
             copies.append((ckpt.step, ev.copied_train_ids))
             if ev.heldout_losses is not None:
@@ -375,11 +441,36 @@ def audit(
                     if getattr(run, "base_pipeline", None) else {})},
         extra={"onset_rule": ONSET_RULE_TEXT})
     result = AuditResult(checkpoints=results, onset=onset, images=risk_table(ref, copies, membership),
-                         skipped=skipped, provenance=prov, warnings=list(ref.warnings))
+                         skipped=skipped, provenance=prov, warnings=list(ref.warnings) + notes)
     result.verdict = " ".join([verdict(results, onset).text, *(f"Warning: {w}." for w in result.warnings)])
     if out_path is not None:
         write_outputs(result, out_path, ref=ref)
     return result
+
+
+def _folder_captions(images, cfg: AuditConfig) -> Optional[dict[str, str]]:
+    """``{id: caption}`` from a folder's metadata.jsonl / .csv (None: not a folder, or no caption file)."""
+    from .sampling import caption_metadata, read_captions
+
+    if not isinstance(images, (str, os.PathLike)) or caption_metadata(images) is None:
+        return None
+    return read_captions(images, cfg.caption_column)
+
+
+def _score_prompts(ev, pipe, prompts: Sequence[str], cfg: AuditConfig) -> None:
+    """Per prompt: Wen et al.'s score (unless ``prompt_score_generations`` is 0) beside the copies among its samples,
+    and how well the score predicts them."""
+    from .prompts import prompt_detection, prompt_scores, prompt_table
+
+    scores = None
+    if cfg.prompt_score_generations > 0 and hasattr(pipe, "encode_prompt") and hasattr(pipe, "unet"):
+        scores = prompt_scores(pipe, prompts, generations=cfg.prompt_score_generations, steps=cfg.prompt_score_steps,
+                               num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                               seed=cfg.seed, batch_size=cfg.batch_size, resolution=cfg.resolution, device=cfg.device)
+    copied = ev.sample_copied if ev.sample_copied is not None else np.zeros(len(ev.sample_prompts), bool)
+    table = prompt_table(prompts, scores, ev.sample_prompts, copied)
+    ev.result.prompts = table
+    ev.result.prompt_detection = prompt_detection(table) if scores is not None else None
 
 
 def _check_sd_extra(run) -> None:
@@ -509,3 +600,15 @@ def write_outputs(result: AuditResult, out_dir: str | os.PathLike, ref: Optional
                 return None
 
     result.to_html(str(out / "report.html"), images=provider)
+
+
+class _CallableModule(type(sys.modules[__name__])):
+    """``diffaudit.audit`` is both this module and the :func:`audit` function the package exports: once the module
+    is imported, Python binds the package attribute ``diffaudit.audit`` to the module, so the module calls
+    :func:`audit` too (``import diffaudit as da; da.audit(...)`` works whatever was imported before)."""
+
+    def __call__(self, *args, **kwargs):
+        return audit(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -41,6 +41,7 @@ dtypes do not fit the model's config are reported by name.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -210,7 +211,8 @@ class CheckpointRun:
             if lora.suffix != ".safetensors":
                 _torch_load_tensors(lora)  # refuses code payloads before diffusers opens the file
             try:
-                pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, local_files_only=True)
+                with quiet_loading():
+                    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, local_files_only=True)
             except (ImportError, ModuleNotFoundError) as e:  # pragma: no cover - depends on peft
                 raise ModuleNotFoundError(f"loading LoRA checkpoint '{lora}' needs peft: pip install peft ({e})") from e
             self._lora_loaded = True
@@ -453,15 +455,15 @@ def _checkpoint_from_folder(
             ema=is_ema, name=name, weights=unet_weight_files(unet),
             conditional=_is_conditional_class(_model_class_name(unet / "config.json"), str(unet / "config.json")),
         )
-    for lname in LORA_WEIGHT_NAMES:
-        if (folder / lname).is_file():
-            if ema == "only":
-                skipped.append(Skipped(str(folder), "LoRA weights have no EMA copy (ema='only')", "checkpoints"))
-                return None
-            return Checkpoint(
-                step=step if step is not None else 0, path=str(folder), kind="lora", unet_path=str(folder / lname),
-                name=name, weights=[str(folder / lname)], conditional=True,
-            )
+    lora = lora_file(folder, skipped)
+    if lora is not None:
+        if ema == "only":
+            skipped.append(Skipped(str(folder), "LoRA weights have no EMA copy (ema='only')", "checkpoints"))
+            return None
+        return Checkpoint(
+            step=step if step is not None else 0, path=str(folder), kind="lora", unet_path=str(lora),
+            name=name, weights=[str(lora)], conditional=True,
+        )
     if _is_unet_folder(folder):
         if ema == "only":
             skipped.append(Skipped(str(folder), "plain UNet folder, not an EMA copy (ema='only')", "checkpoints"))
@@ -476,8 +478,44 @@ def _checkpoint_from_folder(
     return None
 
 
-def _checkpoint_from_file(path: Path, config: Optional[str], step: Optional[int]) -> Checkpoint:
+def is_lora_file(path: PathLike) -> bool:
+    """A LoRA weight file: one of the names diffusers writes, or a ``.safetensors`` file whose tensor names hold
+    ``lora`` (``save_lora_weights(weight_name=...)``, kohya-style files); only the header is read."""
+    path = Path(path)
     if path.name in LORA_WEIGHT_NAMES:
+        return True
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            keys = list(fh.keys())
+    except Exception:  # not a readable safetensors file: not a LoRA (the loader reports it if it is used)
+        return False
+    return bool(keys) and any("lora" in k.lower() for k in keys)
+
+
+def lora_file(folder: Path, skipped: Optional[list] = None) -> Optional[Path]:
+    """The LoRA weight file of ``folder`` (diffusers' names first, else the one ``.safetensors`` file holding LoRA
+    tensors); None when there is none, or (listed in ``skipped``) when several files qualify."""
+    for lname in LORA_WEIGHT_NAMES:
+        if (folder / lname).is_file():
+            return folder / lname
+    try:
+        found = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors" and is_lora_file(p))
+    except OSError:
+        return None
+    if len(found) > 1:
+        if skipped is not None:
+            skipped.append(Skipped(str(folder), f"{len(found)} LoRA weight files ({', '.join(p.name for p in found[:4])}); "
+                                   "pass the one to audit as RUN", "checkpoints"))
+        return None
+    return found[0] if found else None
+
+
+def _checkpoint_from_file(path: Path, config: Optional[str], step: Optional[int]) -> Checkpoint:
+    if is_lora_file(path):
         return Checkpoint(
             step=step if step is not None else 0, path=str(path), kind="lora", unet_path=str(path),
             name=path.name, weights=[str(path)], conditional=True,
@@ -656,7 +694,7 @@ def discover_checkpoints(
 
 
 def _has_lora(folder: Path) -> bool:
-    return any((folder / n).is_file() for n in LORA_WEIGHT_NAMES)
+    return lora_file(folder) is not None
 
 
 def _final_checkpoint(root: Path, cks: list[Checkpoint], ema: str, skipped: list[Skipped]) -> Optional[Checkpoint]:
@@ -665,6 +703,12 @@ def _final_checkpoint(root: Path, cks: list[Checkpoint], ema: str, skipped: list
         return None
     if ema == "only" and cks:
         skipped.append(Skipped(str(root), "final model at the run root: EMA status unknown (ema='only')", "checkpoints"))
+        return None
+    if ema == "never" and any(_is_unet_folder(Path(c.path) / "unet_ema") for c in cks):
+        # the diffusers scripts save the EMA UNet as the final model when training keeps one: it does not belong on
+        # a curve of the raw (non-EMA) weights
+        skipped.append(Skipped(str(root), "final model at the run root holds the EMA weights (the checkpoints have "
+                               "unet_ema/); left out with ema='never'", "checkpoints"))
         return None
     sub: list[Skipped] = []
     fin = _checkpoint_from_folder(root, "never" if ema == "only" else ema, None, sub)
@@ -877,6 +921,39 @@ def pipeline_hash(folder: PathLike) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """Silence what diffusers / transformers print while loading local weights: their tqdm bars ("Loading pipeline
+    components", "Loading weights"), the ``torch_dtype`` deprecation warning, and the note that a UNet-only LoRA has
+    no text-encoder keys (expected for every LoRA trained by ``train_text_to_image_lora.py``). Restores the previous
+    settings afterwards."""
+    import warnings
+
+    libs = []
+    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:
+            mod = __import__(name, fromlist=["is_progress_bar_enabled"])
+        except ImportError:
+            continue
+        libs.append((mod, mod.is_progress_bar_enabled()))
+        mod.disable_progress_bar()
+    loggers = [logging.getLogger(n) for n in ("diffusers.loaders.lora_base", "diffusers.loaders.lora_pipeline",
+                                             "diffusers.loaders.peft")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+        for mod, was in libs:
+            if was:
+                mod.enable_progress_bar()
+
+
 def load_pipeline(folder: PathLike, device=None, dtype=None):
     """A local diffusers pipeline (``DiffusionPipeline.from_pretrained(local_files_only=True)``) with the safety
     checker off (an audit needs the raw samples)."""
@@ -898,7 +975,9 @@ def load_pipeline(folder: PathLike, device=None, dtype=None):
         for p in weights:  # refuse code-carrying pickles before any library opens them
             if p.suffix in _PICKLE_SUFFIXES:
                 _torch_load_tensors(p)
-    pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype or torch.float32, **kw)
+    with quiet_loading():
+        pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype or torch.float32,
+                                                 **kw)
     pipe = pipe.to(device or default_device())
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)

@@ -184,6 +184,10 @@ def match_cmd(
     out.print(f"{len(m.query_ids)} queries matched against {len(ref)} images -> {out_dir / 'matches.html'}")
 
 
+_PROMPTS_HELP = ("Prompts: a file (.txt one per line, .jsonl, .json, .csv), a captioned image folder (metadata.jsonl) or "
+                 "a saved Hugging Face dataset (text-to-image runs; default: the --train folder's captions).")
+
+
 @app.command("audit")
 @_guard
 def audit_cmd(
@@ -198,7 +202,13 @@ def audit_cmd(
     sampler: Optional[str] = typer.Option(None, help=f"ddim | ddpm | run (default: {_AUDIT_DEFAULTS.sampler})."),
     scheduler: Optional[str] = typer.Option(None, help="Scheduler folder or name when the run has none."),
     ema: Optional[str] = typer.Option(None, help=f"prefer | only | never: use unet_ema/ weights (default: {_AUDIT_DEFAULTS.ema})."),
-    prompts: Optional[Path] = typer.Option(None, help="Prompts file: .txt (one per line), .jsonl, .json or .csv."),
+    prompts: Optional[Path] = typer.Option(None, help=_PROMPTS_HELP),
+    caption_column: Optional[str] = typer.Option(None, "--caption-column", help="Caption column of --prompts (.jsonl/.csv/metadata/dataset; default: prompt, text or caption)."),
+    seeds_per_prompt: Optional[int] = typer.Option(None, "--seeds-per-prompt", min=1, help=f"Samples per prompt, each with its own seed (default: {_AUDIT_DEFAULTS.seeds_per_prompt})."),
+    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help=f"Classifier-free guidance scale (default: {_AUDIT_DEFAULTS.guidance_scale})."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Text-to-image sample size in pixels, as trained with --resolution (default: the UNet's sample_size x the VAE factor)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (half precision on CUDA only; default float32)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda | cuda:N | cpu (default: CUDA when available)."),
     base_pipeline: Optional[Path] = typer.Option(None, "--base-pipeline", help="Local base pipeline folder (text-to-image fine-tunes)."),
     unet_config: Optional[Path] = typer.Option(None, "--unet-config", help="UNet config.json for bare .safetensors checkpoints."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML preset (configs/*.yaml); flags override it."),
@@ -221,6 +231,12 @@ def audit_cmd(
         "scheduler": scheduler,
         "ema": ema,
         "prompts": str(prompts) if prompts else None,
+        "caption_column": caption_column,
+        "seeds_per_prompt": seeds_per_prompt,
+        "guidance_scale": guidance_scale,
+        "resolution": resolution,
+        "dtype": dtype,
+        "device": device,
         "base_pipeline": str(base_pipeline) if base_pipeline else None,
         "unet_config": str(unet_config) if unet_config else None,
         "cache_dir": str(cache_dir) if cache_dir else None,
@@ -311,6 +327,11 @@ def watch_cmd(
     patience: int = typer.Option(2, "--patience", min=1, help="...at this many consecutive checkpoints."),
     settle: float = typer.Option(2.0, "--settle", help="A checkpoint is complete once unmodified for this many seconds."),
     device: Optional[str] = typer.Option(None, help="cuda | cpu (default: CUDA when available)."),
+    prompts: Optional[Path] = typer.Option(None, help=_PROMPTS_HELP),
+    caption_column: Optional[str] = typer.Option(None, "--caption-column", help="Caption column of --prompts."),
+    seeds_per_prompt: int = typer.Option(1, "--seeds-per-prompt", min=1, help="Samples per prompt, each with its own seed."),
+    guidance_scale: float = typer.Option(7.5, "--guidance-scale", help="Classifier-free guidance scale."),
+    base_pipeline: Optional[Path] = typer.Option(None, "--base-pipeline", help="Local base pipeline folder (LoRA runs; full fine-tunes default to RUN_DIR)."),
     out_dir: Path = typer.Option(Path("diffaudit-watch"), "--out", "-o", help="Where audit.json / report.html go."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache"),
 ) -> None:
@@ -330,12 +351,22 @@ def watch_cmd(
             raise ValueError(f"--weights expects NAME=PATH (e.g. sscd=sscd.pt); got {item!r}")
         name, path = item.split("=", 1)
         wmap[name.strip()] = path.strip()
+    prompt_list = None
+    if prompts is None and any((train / n).is_file() for n in ("metadata.jsonl", "metadata.csv")):
+        prompts = train  # the training captions, as the audit does
+    if prompts is not None:
+        from .sampling import read_prompts
+
+        prompt_list = read_prompts(prompts, caption_column)
+    if base_pipeline is not None and not (base_pipeline / "model_index.json").is_file():
+        raise ValueError(f"--base-pipeline {str(base_pipeline)!r}: not a local pipeline folder (no model_index.json)")
     out_dir = _check_out_dir(out_dir)
     monitor = MemorizationMonitor(
         train=str(train), heldout=str(heldout) if heldout else None, embedder=list(embedder) if embedder else "pixel",
         every_n_steps=1, num_samples=samples, seed=seed, num_inference_steps=steps,
         rule=OnsetRule(threshold=threshold, patience=patience), cache_dir=str(cache_dir) if cache_dir else None,
         weights=wmap, device=device, progress=False, lazy=False, time_budget=None,  # a sidecar: not in training's time
+        prompts=prompt_list, seeds_per_prompt=seeds_per_prompt, guidance_scale=guidance_scale,
     )
 
     def after_checkpoint(m) -> None:
@@ -356,6 +387,7 @@ def watch_cmd(
     try:
         outcome = watch(run_dir, monitor, interval=interval, timeout=timeout, settle=settle, ema=ema,
                         scheduler=scheduler, device=device, state_path=out_dir / STATE_FILE,
+                        base_pipeline=base_pipeline,
                         on_checkpoint=after_checkpoint)
     finally:
         if monitor.history:

@@ -132,6 +132,9 @@ class MemorizationMonitor:
         time_budget: Optional[float] | str = "default",
         min_samples: int = 64,
         output_dir=None,
+        prompts: Optional[Sequence[str]] = None,
+        seeds_per_prompt: int = 1,
+        guidance_scale: float = 7.5,
     ) -> None:
         from .sampling import SAMPLERS
 
@@ -161,6 +164,16 @@ class MemorizationMonitor:
         if sampler not in SAMPLERS:
             raise ValueError(f"MemorizationMonitor: sampler={sampler!r} is not allowed; expected one of {list(SAMPLERS)}")
         self.sampler_name = sampler
+        if prompts is not None:
+            if isinstance(prompts, str) or not all(isinstance(p, str) and p.strip() for p in prompts) or not prompts:
+                raise ValueError("MemorizationMonitor: prompts= must be a non-empty list of non-empty strings (the "
+                                 "captions to sample a text-to-image model with; read_prompts(path) reads a file)")
+            prompts = list(prompts)
+        self.prompts = prompts
+        self.seeds_per_prompt = _int("seeds_per_prompt", seeds_per_prompt, 1)
+        if not math.isfinite(float(guidance_scale)):
+            raise ValueError(f"MemorizationMonitor: guidance_scale={guidance_scale!r} must be a finite number")
+        self.guidance_scale = float(guidance_scale)
         rule = OnsetRule() if rule is None else rule
         if not isinstance(rule, OnsetRule):
             raise TypeError(f"MemorizationMonitor: rule={rule!r} must be an OnsetRule(threshold=, patience=, confidence=)")
@@ -245,7 +258,8 @@ class MemorizationMonitor:
                                      cache_dir=self.cache_dir, progress=self.progress)
             self._sampler = CheckpointSampler(
                 None, self._samples_now, seed=self.seed, num_inference_steps=self.num_inference_steps,
-                sampler=self.sampler_name, batch_size=self.batch_size, progress=self.progress,
+                sampler=self.sampler_name, batch_size=self.batch_size, progress=self.progress, prompts=self.prompts,
+                seeds_per_prompt=self.seeds_per_prompt, guidance_scale=self.guidance_scale,
             )
             _log.info("monitor: reference data for %d training images (%s) built in %.1fs",
                       len(self._ref.train), ", ".join(r.name for r in self._ref.refs), time.perf_counter() - t0)

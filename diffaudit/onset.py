@@ -281,6 +281,17 @@ def _near_copy_words(ck, embedder: Optional[str], signal_metric: str) -> Optiona
             f"reproductions)")
 
 
+def _ck_words(ck, cks) -> str:
+    """``step N``, or for the run root's final model (its step is not recorded; it is ordered after every checkpoint)
+    ``the final model, saved after step M``."""
+    from ._format import fmt_step
+
+    if not getattr(ck, "final", False):
+        return f"step {fmt_step(ck.step)}"
+    before = [c.step for c in cks if c.step < ck.step]
+    return "the final model" + (f", saved after step {fmt_step(max(before))}" if before else "")
+
+
 def verdict(checkpoints: Sequence, onset) -> Verdict:
     """The verdict on ``checkpoints`` (CheckpointResult, in step order) given the rule's decision ``onset``
     (an :class:`~diffaudit.results.OnsetInfo`)."""
@@ -310,7 +321,7 @@ def verdict(checkpoints: Sequence, onset) -> Verdict:
         low = None if e is None else (finite(e.low) if finite(e.low) is not None else finite(e.value))
         if low is not None and thr is not None and low > thr:
             status, badge = "warn", "Not yet confirmed"
-            headline = (f"Signs of memorization at the last checkpoint (step {fmt_step(last.step)}), "
+            headline = (f"Signs of memorization at the last checkpoint ({_ck_words(last, cks)}), "
                         f"not yet confirmed by {int(onset.patience)} consecutive checkpoints.")
         else:
             status, badge = "ok", "Generalizes: no memorization detected"
@@ -319,7 +330,7 @@ def verdict(checkpoints: Sequence, onset) -> Verdict:
             headline = f"No memorization onset across {len(cks)} checkpoint{'s' * (len(cks) != 1)} ({span})."
     lines: list[str] = []
     if e is not None:
-        lines.append(f"At the last checkpoint (step {fmt_step(last.step)}), {fmt_pct(e.value)} of generated samples"
+        lines.append(f"At the last checkpoint ({_ck_words(last, cks)}), {fmt_pct(e.value)} of generated samples"
                      f"{ci_sentence(e)} {_copy_words(metric, emb, last)}.")
     near = _near_copy_words(last, emb, metric)
     if near:
@@ -347,7 +358,8 @@ def verdict(checkpoints: Sequence, onset) -> Verdict:
     keep_after_fit = (fit_step is not None and onset.recommended_step is not None
                       and int(onset.recommended_step) >= int(fit_step))
     if keep_ck is not None:
-        lines.append(f"Keep the checkpoint at step {fmt_step(keep_ck.step)} ({keep_ck.path})"
+        lines.append((f"Keep the final model ({keep_ck.path}; {_ck_words(keep_ck, cks)})" if getattr(keep_ck, "final", False)
+                      else f"Keep the checkpoint at step {fmt_step(keep_ck.step)} ({keep_ck.path})")
                      + (f": {reason}." if reason else "."))
     elif onset.recommended_step is not None:
         lines.append(f"Keep the checkpoint at step {fmt_step(onset.recommended_step)}.")

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -147,6 +148,8 @@ class ReferenceSet:
         outlier_k: int = 5,
         outlier_quantile: float = 0.95,
         progress: bool = False,
+        captions: Optional[dict[str, str]] = None,
+        heldout_captions: Optional[dict[str, str]] = None,
     ) -> None:
         from .curate import duplicate_pairs
         from .embedders import embed, get_embedder
@@ -154,6 +157,9 @@ class ReferenceSet:
 
         self.train = as_imageset(train, "train")
         self.heldout = as_imageset(heldout, "heldout") if heldout is not None else None
+        #: ``{image id: caption}`` of the training / held-out images (text-to-image runs: the conditional loss)
+        self.captions = dict(captions) if captions else None
+        self.heldout_captions = dict(heldout_captions) if heldout_captions else None
         if len(self.train) < 3:
             raise ValueError(f"train: the nearest/second-nearest rule needs at least 3 training images; got {len(self.train)}")
         weights = weights or {}
@@ -285,6 +291,7 @@ class SampleEvaluation:
     metrics: dict[str, EmbedderMetrics]
     copied_train_ids: list[str]  # one entry per copying sample (primary embedder)
     signal: Optional[Estimate]
+    copied: Optional[np.ndarray] = None  # (n,) bool: each sample passes the primary embedder's copy rule
 
 
 def evaluate_samples(
@@ -293,6 +300,7 @@ def evaluate_samples(
     *,
     sample_paths: Optional[Sequence[Optional[str]]] = None,
     sample_indices: Optional[Sequence[int]] = None,
+    sample_prompts: Optional[Sequence[Optional[str]]] = None,
     confidence: float = 0.95,
     gallery_size: int = 8,
 ) -> SampleEvaluation:
@@ -304,7 +312,9 @@ def evaluate_samples(
     n = len(images)
     idx_list = list(sample_indices) if sample_indices is not None else list(range(n))
     paths = list(sample_paths) if sample_paths is not None else [None] * n
+    texts = list(sample_prompts) if sample_prompts is not None else [None] * n
     out: dict[str, EmbedderMetrics] = {}
+    copied_mask: Optional[np.ndarray] = None
     copied_ids: list[str] = []
     signal: Optional[Estimate] = None
     if n == 0:
@@ -348,15 +358,16 @@ def evaluate_samples(
                 sample_index=int(idx_list[j]), sample_path=paths[j],
                 neighbor_ids=[r.train_ids[int(t)] for t in nn[j] if t >= 0],
                 scores=[float(s) for s in scores[j]], ratio=float(ratio[j]) if np.isfinite(ratio[j]) else None,
-                copied=bool(got.copied[j]),
+                copied=bool(got.copied[j]), prompt=texts[j],
             )
             for j in order
         ]
         out[r.name] = m
         if r is primary:
             copied_ids = [r.train_ids[int(t)] for t in nn[got.copied, 0]]
+            copied_mask = np.asarray(got.copied, bool)
             signal = getattr(m, r.rule.signal)
-    return SampleEvaluation(out, copied_ids, signal)
+    return SampleEvaluation(out, copied_ids, signal, copied_mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -398,8 +409,10 @@ def loss_pass(model, scheduler, ref: ReferenceSet, settings: LossSettings, devic
     use noise seed ``settings.seed``, held-out ones ``seed + 1`` (held-out image ``x`` never shares noise with a
     training image of the same id). Images are brought to the model's resolution and channel count.
     """
-    if scheduler is None or not callable(model) or hasattr(model, "text_encoder"):
+    if scheduler is None or not callable(model):
         return None
+    if hasattr(model, "text_encoder"):
+        return text_loss_pass(model, scheduler, ref, settings, device=device)
     conf = getattr(model, "config", None)
     if getattr(conf, "cross_attention_dim", None):
         return None  # UNet2DConditionModel: needs text embeddings
@@ -415,6 +428,79 @@ def loss_pass(model, scheduler, ref: ReferenceSet, settings: LossSettings, devic
         h_ids, h_x = ref.loss_images("heldout", settings.max_images, settings.seed + 1, size, channels)
         hl = image_losses(model, scheduler, h_ids, h_x, seed=settings.seed + 1, **kw)
     return t_ids, tl, hl
+
+
+def text_loss_pass(pipe, scheduler, ref: ReferenceSet, settings: LossSettings, device=None):
+    """The text-conditional denoising loss of a Stable-Diffusion-style pipeline: each image through the VAE (mean of
+    the posterior times ``scaling_factor``, as the fine-tuning scripts train on), its caption through the text
+    encoder (the pipeline's ``encode_prompt``), the UNet's prediction error at fixed timesteps and noise (the same
+    noise contract as :func:`loss_pass`). Images without a caption are left out. Returns ``(train_ids,
+    train_losses, heldout_losses or None)``, or None without training captions."""
+    if ref.captions is None or not all(hasattr(pipe, a) for a in ("unet", "vae", "encode_prompt")):
+        return None
+    import torch
+
+    unet, vae = pipe.unet, pipe.vae
+    vsf = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    s = getattr(unet.config, "sample_size", None)
+    px = (int(s) * vsf) if isinstance(s, int) else (None if s is None else tuple(int(v) * vsf for v in s))
+    params = next(iter(unet.parameters()), None)
+    dev = torch.device(device) if device is not None else (params.device if params is not None else
+                                                           torch.device(getattr(unet, "device", "cpu")))
+
+    def losses(which: str, captions: dict[str, str], seed: int):
+        ids, x = ref.loss_images(which, settings.max_images, seed, px, 3)
+        keep = [i for i, k in enumerate(ids) if k in captions]
+        if not keep:
+            return [], np.zeros(0)
+        ids = [ids[i] for i in keep]
+        x = x[keep]
+        out = np.empty(len(ids), dtype=np.float64)
+        with torch.inference_mode():
+            for s0 in range(0, len(ids), settings.batch_size):
+                sl = slice(s0, s0 + settings.batch_size)
+                xb = torch.from_numpy(np.ascontiguousarray(x[sl].transpose(0, 3, 1, 2))).float() / 127.5 - 1.0
+                lat = vae.encode(xb.to(dev, vae.dtype)).latent_dist.mean.float().cpu() * float(vae.config.scaling_factor)
+                emb, _ = pipe.encode_prompt([captions[k] for k in ids[sl]], dev, 1, False)
+                for j in range(lat.shape[0]):
+                    out[s0 + j] = image_losses(_text_conditioned(unet, emb[j:j + 1]), scheduler, [ids[s0 + j]],
+                                               lat[j:j + 1].numpy(), timesteps=settings.timesteps,
+                                               noise_draws=settings.noise_draws, seed=seed,
+                                               batch_size=settings.batch_size, device=dev)[0]
+        return ids, out
+
+    t_ids, tl = losses("train", ref.captions, settings.seed)
+    if not t_ids:
+        log.warning("text-to-image loss: none of the training images the loss scores has a caption; skipped")
+        return None
+    hl = None
+    if ref.heldout is not None and ref.heldout_captions:
+        h_ids, hl = losses("heldout", ref.heldout_captions, settings.seed + 1)
+        hl = hl if len(h_ids) else None
+    return t_ids, tl, hl
+
+
+@functools.lru_cache(maxsize=1)
+def _text_conditioned_class():
+    import torch
+
+    class TextConditioned(torch.nn.Module):
+        """``unet(x, t, encoder_hidden_states=emb)`` for one caption embedding, broadcast over the batch."""
+
+        def __init__(self, unet, emb) -> None:
+            super().__init__()
+            self.unet = unet
+            self.emb = emb
+
+        def forward(self, x, t):
+            e = self.emb.to(x.device, x.dtype).expand(x.shape[0], *self.emb.shape[1:])
+            return self.unet(x, t, encoder_hidden_states=e).sample
+
+    return TextConditioned
+
+
+def _text_conditioned(unet, emb):
+    return _text_conditioned_class()(unet, emb)
 
 
 def set_loss_metrics(cr: CheckpointResult, train_losses, heldout_losses=None) -> None:
@@ -467,6 +553,8 @@ class CheckpointEvaluation:
     train_losses: Optional[np.ndarray] = None
     heldout_losses: Optional[np.ndarray] = None
     skipped: list[Skipped] = field(default_factory=list)
+    sample_prompts: list[Optional[str]] = field(default_factory=list)  # of the finite samples (text-to-image)
+    sample_copied: Optional[np.ndarray] = None  # (finite samples,) bool under the primary embedder
 
 
 def evaluate_checkpoint(
@@ -498,8 +586,12 @@ def evaluate_checkpoint(
         finite = np.asarray(batch.finite_mask, bool)
         idx = np.asarray(batch.indices)[finite]
         paths = [sample_path(int(i)) for i in idx] if sample_path is not None else None
+        bp = getattr(batch, "prompts", None)
+        texts = [p for p, ok in zip(bp, finite) if ok] if bp else None
         se = evaluate_samples(ref, batch.images[finite], sample_paths=paths, sample_indices=idx,
-                              confidence=confidence, gallery_size=gallery_size)
+                              sample_prompts=texts, confidence=confidence, gallery_size=gallery_size)
+        ev.sample_prompts = list(texts) if texts else []
+        ev.sample_copied = se.copied
         if sample_path is not None:  # the same seeds at every checkpoint: the report's sample grid
             cr.grid = [sample_path(int(i)) for i in np.sort(idx)[:GRID_SAMPLES]]
         cr.num_samples = int(finite.size)
@@ -551,6 +643,7 @@ def risk_table(ref: ReferenceSet, copies: Sequence[tuple[int, Sequence[str]]],
                 id=tid, copies=c.copies if c else 0, first_step_copied=c.first_step if c else None,
                 copies_by_step=dict(c.copies_by_step) if c else {}, duplicates=int(p.duplicates[i]),
                 outlier_score=float(p.outlier[i]), label=str(labels[i]), membership_score=membership.get(tid),
+                caption=(ref.captions or {}).get(tid),
             )
         )
     rows.sort(key=ImageRisk.sort_key)

@@ -41,6 +41,7 @@ class SampleMatch(JsonMixin):
     scores: list[float]  # matching scores in the embedder's units
     ratio: Optional[float] = None  # d1/d2 (l2 embedders)
     copied: bool = False  # passes this embedder's copy rule
+    prompt: Optional[str] = None  # the caption a text-to-image sample was generated from
 
 
 @dataclass
@@ -116,6 +117,33 @@ class CheckpointResult(JsonMixin):
     onset_signal: Optional[Estimate] = None  # the value the onset rule looked at
     failed: str = ""  # why the checkpoint could not be evaluated (e.g. every sample NaN/inf); "" = evaluated
     grid: list[str] = field(default_factory=list)  # kept PNGs of the first samples (same seeds at every checkpoint)
+    final: bool = False  # the run root's final model: saved after the last checkpoint, at a step the run does not record
+    prompts: list[PromptScore] = field(default_factory=list)  # text-to-image runs: per prompt score and copies
+    prompt_detection: Optional[PromptDetection] = None
+
+
+@dataclass
+class PromptScore(JsonMixin):
+    """One prompt at one checkpoint: Wen et al.'s (ICLR 2024) memorization score -- the magnitude of the
+    text-conditional noise prediction ``||eps(x_t, prompt) - eps(x_t, "")||`` over the first sampling steps, mean over
+    generations -- beside the copies the audit found among that prompt's samples."""
+
+    prompt: str
+    score: Optional[float] = None  # mean over generations (None: not computed)
+    generations: list[float] = field(default_factory=list)  # the score of each generation (seed)
+    samples: int = 0  # this prompt's finite samples in the audit
+    copies: int = 0  # of them, copies under the primary embedder's rule
+
+
+@dataclass
+class PromptDetection(JsonMixin):
+    """How well the prompt score separates prompts whose samples copy (positives) from the others, at one
+    checkpoint: ROC AUC and the true-positive rate at 1% false positives (Wen et al.'s figures)."""
+
+    positives: int
+    negatives: int
+    auc: Optional[float] = None  # None when either class is empty
+    tpr_at_1pct_fpr: Optional[float] = None
 
 
 @dataclass
@@ -131,6 +159,7 @@ class ImageRisk(JsonMixin):
     label: str = "inlier"  # "inlier" | "outlier" (outlier_score above the training set's 95th percentile)
     membership_score: Optional[float] = None  # percentile of its loss within held-out losses, lower loss -> higher
     loo_score: Optional[float] = None  # leave-one-out / counterfactual score
+    caption: Optional[str] = None  # its training caption (text-to-image: metadata.jsonl)
 
     @staticmethod
     def sort_key(r: "ImageRisk"):

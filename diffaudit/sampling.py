@@ -191,22 +191,86 @@ def _accepts(fn: Callable, name: str) -> bool:
     return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
 
 
+#: caption fields looked for when no column is named (diffusers' scripts default to ``text``)
+CAPTION_KEYS = ("prompt", "text", "caption")
+
+
+def caption_metadata(folder: Union[str, os.PathLike]) -> Optional[Path]:
+    """The caption file of a Hugging Face image folder (``metadata.jsonl`` or ``metadata.csv``), or None."""
+    for name in ("metadata.jsonl", "metadata.csv"):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+def read_captions(folder: Union[str, os.PathLike], column: Optional[str] = None) -> dict[str, str]:
+    """``{image id: caption}`` of an image folder with a ``metadata.jsonl`` / ``metadata.csv`` (``file_name`` plus a
+    caption column: ``column``, else the first of ``prompt``, ``text``, ``caption``), the layout diffusers'
+    text-to-image scripts train from. Ids are the POSIX paths relative to the folder, as in ``ImageSet``."""
+    meta = caption_metadata(folder)
+    if meta is None:
+        raise FileNotFoundError(f"{str(folder)!r}: no metadata.jsonl or metadata.csv with captions in that folder")
+    rows = _metadata_rows(meta)
+    out: dict[str, str] = {}
+    for n, row in enumerate(rows):
+        name = row.get("file_name")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{meta}: row {n + 1} has no file_name")
+        out[Path(name).as_posix()] = _pick_caption(row, column, f"{meta}: row {n + 1}")
+    return out
+
+
+def _metadata_rows(path: Path) -> list[dict]:
+    if path.suffix == ".csv":
+        import csv
+
+        with open(path, newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
+    rows = []
+    for n, ln in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if ln.strip():
+            try:
+                obj = json.loads(ln)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n + 1}: not JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{n + 1}: expected a JSON object per line")
+            rows.append(obj)
+    return rows
+
+
+def _pick_caption(obj: Any, column: Optional[str], where: str) -> str:
+    keys = [column] if column else list(CAPTION_KEYS)
+    if isinstance(obj, str) and not column:
+        return obj
+    if isinstance(obj, dict):
+        for k in keys:
+            if k in obj and isinstance(obj[k], str):
+                return obj[k]
+        if column:
+            raise ValueError(f"{where}: no caption column {column!r} (columns: {', '.join(map(str, obj))[:200]})")
+    raise ValueError(f"{where}: no prompt field (looked for {keys})")
+
+
 def read_prompts(path: Union[str, os.PathLike], column: Optional[str] = None) -> list[str]:
     """Prompts from a file: ``.txt`` (one per line; blank lines and ``#`` comments skipped), ``.jsonl`` / ``.json``
-    (objects with a ``prompt``, ``text`` or ``caption`` field, or plain strings) or ``.csv`` (that column)."""
+    (objects with a ``prompt``, ``text`` or ``caption`` field -- or ``column`` --, or plain strings) or ``.csv`` (that
+    column); or from a folder: an image folder's ``metadata.jsonl`` / ``metadata.csv`` (its captions, in file order),
+    or a Hugging Face dataset saved with ``save_to_disk`` (its ``column``, default ``text``)."""
     p = Path(path)
+    if p.is_dir():
+        meta = caption_metadata(p)
+        if meta is not None:
+            return read_prompts(meta, column)
+        if (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file():
+            return _dataset_prompts(p, column or "text")
+        raise FileNotFoundError(f"prompts={str(p)!r}: a folder without metadata.jsonl / metadata.csv and not a "
+                                "saved Hugging Face dataset")
     if not p.is_file():
         raise FileNotFoundError(f"prompts file {str(p)!r} does not exist")
-    keys = [column] if column else ["prompt", "text", "caption"]
 
     def pick(obj: Any, where: str) -> str:
-        if isinstance(obj, str):
-            return obj
-        if isinstance(obj, dict):
-            for k in keys:
-                if k in obj and isinstance(obj[k], str):
-                    return obj[k]
-        raise ValueError(f"{where}: no prompt field (looked for {keys})")
+        return _pick_caption(obj, column, where)
 
     suffix = p.suffix.lower()
     if suffix == ".jsonl":
@@ -229,6 +293,29 @@ def read_prompts(path: Union[str, os.PathLike], column: Optional[str] = None) ->
     if not out:
         raise ValueError(f"prompts file {str(p)!r} holds no prompts")
     return out
+
+
+def _dataset_prompts(folder: Path, column: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - optional extra
+        raise ModuleNotFoundError(f"prompts={str(folder)!r} is a saved Hugging Face dataset; reading it needs "
+                                  'datasets: pip install "diffaudit[hf]"') from None
+    ds = datasets.load_from_disk(str(folder))
+    if isinstance(ds, datasets.DatasetDict):
+        split = "train" if "train" in ds else next(iter(ds))
+        ds = ds[split]
+    if column not in ds.column_names:
+        raise ValueError(f"prompts={str(folder)!r}: no caption column {column!r} (columns: {', '.join(ds.column_names)}); "
+                         "pass --caption-column")
+    out = [str(v) for v in ds[column]]
+    if not out:
+        raise ValueError(f"prompts={str(folder)!r}: the dataset holds no rows")
+    return out
+
+
+def _prompts_used(num_prompts: int, num_samples: int, seeds_per_prompt: int) -> int:
+    return min(num_prompts, -(-num_samples // seeds_per_prompt))
 
 
 class CheckpointSampler:
@@ -284,7 +371,7 @@ class CheckpointSampler:
         if num_samples is None or int(num_samples) < 1:
             raise ValueError(f"num_samples={num_samples}: must be >= 1")
         if prompts is not None:
-            used = min(len(prompts), -(-int(num_samples) // int(seeds_per_prompt)))
+            used = _prompts_used(len(prompts), int(num_samples), int(seeds_per_prompt))
             if used < len(prompts):  # never silently: say how many captions are sampled
                 log.warning("sampling %d of %d prompts (num_samples=%d / seeds_per_prompt=%d); the first %d are used "
                             "-- pass num_samples=%d to cover every prompt", used, len(prompts), int(num_samples),
@@ -342,6 +429,10 @@ class CheckpointSampler:
     def fingerprint(self) -> str:
         """sha256 of :meth:`describe`: saved samples are reused only under the same settings."""
         return hashlib.sha256(json.dumps(self.describe(), sort_keys=True, default=str).encode()).hexdigest()
+
+    def prompts_used(self) -> int:
+        """How many distinct prompts the ``num_samples`` samples cover (0 without prompts)."""
+        return 0 if self.prompts is None else _prompts_used(len(self.prompts), self.num_samples, self.seeds_per_prompt)
 
     def prompt_for(self, index: int) -> Optional[str]:
         if self.prompts is None:

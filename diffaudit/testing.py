@@ -8,6 +8,12 @@
 * :func:`tiny_unet` - a tiny ``UNet2DModel`` that trains for a few steps on CPU in seconds.
 * :func:`write_tiny_run` - a few optimizer steps of the tiny UNet, saved in exactly the layout diffusers'
   ``train_unconditional.py`` writes (``checkpoint-N/unet/``, ``checkpoint-N/unet_ema/``, root pipeline).
+* Text-to-image (needs ``transformers``; LoRA runs ``peft``): :func:`tiny_sd_pipeline` builds a real
+  ``StableDiffusionPipeline`` at toy size offline (tokenizer files written by :func:`write_tiny_tokenizer`, a VAE
+  trained on digits by :func:`train_tiny_vae`); :func:`memorizing_sd_pipeline` swaps in a closed-form UNet that
+  copies the training images of chosen captions; :func:`write_tiny_sd_run` fine-tunes (full or LoRA) and saves in
+  the layouts of ``train_text_to_image.py`` / ``train_text_to_image_lora.py``; :func:`write_caption_folder` writes a
+  captioned image folder (``metadata.jsonl``).
 
 Both denoisers follow the ``UNet2DModel`` calling convention: ``model(sample, timestep).sample`` is the
 prediction of the scheduler's ``prediction_type`` (``"epsilon"``, ``"v_prediction"`` or ``"sample"``), and
@@ -28,7 +34,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OptimalDenoiser", "GaussianDenoiser", "DenoiserOutput", "tiny_unet", "write_tiny_run", "to_model_space"]
+__all__ = ["OptimalDenoiser", "GaussianDenoiser", "DenoiserOutput", "tiny_unet", "write_tiny_run", "to_model_space",
+           "write_tiny_tokenizer", "tiny_sd_unet", "train_tiny_vae", "tiny_sd_pipeline", "memorizing_sd_pipeline",
+           "write_tiny_sd_run", "write_caption_folder"]
 
 
 def to_model_space(images: np.ndarray, dtype=np.float32) -> np.ndarray:
@@ -123,13 +131,17 @@ class OptimalDenoiser(_ClosedFormDenoiser):
         self.register_buffer("train_sq", (train ** 2).sum(1), persistent=False)
 
     def x0_hat(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        train, train_sq = self.train_flat.to(x.device), self.train_sq.to(x.device)
-        sa = a.sqrt()[:, None]
-        # ||x - sqrt(a) y||^2 = ||x||^2 - 2 sqrt(a) x.y + a ||y||^2
-        d2 = (x ** 2).sum(1, keepdim=True) - 2 * sa * (x @ train.T) + a[:, None] * train_sq[None]
-        logits = -d2.clamp_min(0) / (2 * (1 - a))[:, None]
-        w = torch.softmax(logits, dim=1)  # = exp(logits - logsumexp(logits))
-        return w @ train
+        return _empirical_x0(x, a, self.train_flat.to(x.device), self.train_sq.to(x.device))
+
+
+def _empirical_x0(x: torch.Tensor, a: torch.Tensor, train: torch.Tensor, train_sq: torch.Tensor) -> torch.Tensor:
+    """Posterior mean of x0 uniform over the rows of ``train`` (float64 (B, D) ``x``, alphas_cumprod ``a`` (B,))."""
+    sa = a.sqrt()[:, None]
+    # ||x - sqrt(a) y||^2 = ||x||^2 - 2 sqrt(a) x.y + a ||y||^2
+    d2 = (x ** 2).sum(1, keepdim=True) - 2 * sa * (x @ train.T) + a[:, None] * train_sq[None]
+    logits = -d2.clamp_min(0) / (2 * (1 - a))[:, None]
+    w = torch.softmax(logits, dim=1)  # = exp(logits - logsumexp(logits))
+    return w @ train
 
 
 class GaussianDenoiser(_ClosedFormDenoiser):
@@ -182,14 +194,17 @@ class GaussianDenoiser(_ClosedFormDenoiser):
         return cls(mean, cov + ridge * np.eye(d), scheduler=scheduler)
 
     def x0_hat(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        mu, lam = self.mu.to(x.device), self.lam.to(x.device)
-        sa = a.sqrt()[:, None]
-        r = x - sa * mu[None]
-        gain = sa * lam[None] / (a[:, None] * lam[None] + (1 - a)[:, None])
-        if self.u.ndim == 2:
-            u = self.u.to(x.device)
-            return mu[None] + ((r @ u) * gain) @ u.T
-        return mu[None] + r * gain
+        return _gaussian_x0(x, a, self.mu.to(x.device), self.lam.to(x.device), self.u.to(x.device))
+
+
+def _gaussian_x0(x: torch.Tensor, a: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Posterior mean of x0 ~ N(mu, U diag(lam) U^T) (``u`` empty: diagonal covariance ``lam``)."""
+    sa = a.sqrt()[:, None]
+    r = x - sa * mu[None]
+    gain = sa * lam[None] / (a[:, None] * lam[None] + (1 - a)[:, None])
+    if u.ndim == 2:
+        return mu[None] + ((r @ u) * gain) @ u.T
+    return mu[None] + r * gain
 
 
 def tiny_unet(sample_size: int = 16, channels: int = 3, *, seed: Optional[int] = 0):
@@ -301,4 +316,344 @@ def write_tiny_run(
             ema_model.copy_to(final.parameters())
         DDPMPipeline(unet=final, scheduler=noise_scheduler).save_pretrained(str(folder))
     (folder / "diffaudit_tiny_run.json").write_text(json.dumps({"steps": steps, "ema": ema, "seed": seed}))
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# text-to-image: a tiny real Stable Diffusion pipeline, built offline
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for the bytes (GPT-2 / CLIP)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tiny_tokenizer(folder, *, max_length: int = 32) -> Path:
+    """Write a real ``CLIPTokenizer`` (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``) with a character-level
+    vocabulary: every byte alone and at the end of a word (``"t</w>"``), no merges, plus CLIP's start / end tokens
+    (514 tokens). Any text tokenizes; no download. Returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _bytes_to_unicode()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": int(max_length), "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}), encoding="utf-8")
+    return folder
+
+
+def _seeded(seed: Optional[int], build):
+    if seed is None:
+        return build()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def tiny_sd_unet(sample_size: int = 8, *, cross_attention_dim: int = 32, seed: Optional[int] = 0):
+    """A tiny ``UNet2DConditionModel`` (diffusers' own test shapes: block_out_channels (32, 64), one cross-attention
+    block, 4 latent channels); ``sample_size`` is in latent pixels."""
+    from diffusers import UNet2DConditionModel
+
+    return _seeded(seed, lambda: UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=8))
+
+
+def train_tiny_vae(images: Optional[np.ndarray] = None, *, steps: int = 150, seed: int = 0, lr: float = 3e-3):
+    """A tiny ``AutoencoderKL`` (downsampling x2, 4 latent channels) trained to reconstruct ``images`` (uint8 NHWC;
+    default: 64 scikit-learn digits at 16x16) for ``steps`` Adam steps. Decoding the latents of a training image
+    gives that image back closely, so a model that lands on training latents produces pixel copies."""
+    from diffusers import AutoencoderKL
+
+    if images is None:
+        images = _default_images(64, 16)
+    x = torch.as_tensor(to_model_space(images))
+    vae = _seeded(seed, lambda: AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8, sample_size=int(x.shape[-1])))
+    opt = torch.optim.Adam(vae.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    vae.train()
+    for _ in range(int(steps)):
+        idx = torch.randint(0, len(x), (min(32, len(x)),), generator=gen)
+        post = vae.encode(x[idx]).latent_dist
+        rec = vae.decode(post.mean).sample
+        loss = torch.nn.functional.mse_loss(rec, x[idx]) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    vae.eval()
+    vae.requires_grad_(False)
+    return vae
+
+
+def tiny_sd_pipeline(folder=None, *, vae=None, unet=None, seed: int = 0, sample_size: int = 8):
+    """A real ``StableDiffusionPipeline`` at toy size, built offline: :func:`write_tiny_tokenizer`, a 2-layer
+    ``CLIPTextModel`` (hidden size 32), ``vae`` (default :func:`train_tiny_vae`), ``unet`` (default
+    :func:`tiny_sd_unet`) and Stable Diffusion's DDIM noise schedule (scaled-linear betas 0.00085..0.012). Images
+    are ``2 * sample_size`` pixels square. With ``folder`` the pipeline is also saved there
+    (``save_pretrained``: ``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
+    ``scheduler/``), the layout of a downloaded base model."""
+    import tempfile
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(Path(tmp) / "tokenizer")))
+    text_encoder = _seeded(seed, lambda: CLIPTextModel(CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+        max_position_embeddings=tokenizer.model_max_length, projection_dim=32)))
+    text_encoder.eval()
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                              steps_offset=1, prediction_type="epsilon")
+    pipe = StableDiffusionPipeline(
+        unet=unet if unet is not None else tiny_sd_unet(sample_size, seed=seed + 1),
+        vae=vae if vae is not None else train_tiny_vae(seed=seed), text_encoder=text_encoder, tokenizer=tokenizer,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    if folder is not None:
+        pipe.save_pretrained(str(folder), safe_serialization=True)
+    return pipe
+
+
+def _prompt_embeddings(pipe, prompts: Sequence[str]) -> torch.Tensor:
+    """The text embeddings ``pipe`` conditions its UNet on for ``prompts`` (its own ``encode_prompt``)."""
+    dev = next(pipe.text_encoder.parameters()).device
+    with torch.inference_mode():
+        emb, _ = pipe.encode_prompt(list(prompts), dev, 1, False)
+    return emb.detach().to("cpu", torch.float64).reshape(len(prompts), -1)
+
+
+def _memorizing_unet_class():
+    from diffusers import ConfigMixin, ModelMixin
+    from diffusers.configuration_utils import register_to_config
+
+    class MemorizingTextUNet(ModelMixin, ConfigMixin):
+        """Stands in for ``UNet2DConditionModel``: the closed-form denoiser of a text-to-image model that memorizes.
+
+        For a prompt whose text embedding equals that of a memorized training caption, it is the optimal denoiser of
+        the empirical distribution of that caption's training latents (sampling lands on them: copies, also under
+        classifier-free guidance). The empty prompt (guidance's unconditional branch) gets the empirical
+        distribution of all training latents; any other conditioning (unseen or non-memorized prompts) the optimal
+        denoiser of a diagonal Gaussian fitted to all training latents (new samples)."""
+
+        @register_to_config
+        def __init__(self, sample_size: int = 8, in_channels: int = 4, out_channels: int = 4,
+                     cross_attention_dim: int = 32, time_cond_proj_dim=None, num_train_timesteps: int = 1000):
+            super().__init__()
+            self.register_buffer("_anchor", torch.zeros(1), persistent=False)  # device / dtype for the pipeline
+
+        def set_memory(self, alphas_cumprod, latents, keys, groups, tol: float = 1e-4):
+            flat = torch.as_tensor(latents, dtype=torch.float64).reshape(len(latents), -1)
+            self._ac = torch.as_tensor(np.asarray(alphas_cumprod, dtype=np.float64))
+            self._lat, self._lat_sq = flat, (flat ** 2).sum(1)
+            self._keys = torch.as_tensor(keys, dtype=torch.float64)
+            self._groups = [torch.as_tensor(g, dtype=torch.long) for g in groups]
+            self._mu, self._var = flat.mean(0), flat.var(0, unbiased=False) + 1e-4
+            self._tol = float(tol)
+            return self
+
+        def which(self, encoder_hidden_states: torch.Tensor) -> list[int]:
+            """Per row: the memorized caption it conditions on (index into the keys), or -1."""
+            e = encoder_hidden_states.detach().to("cpu", torch.float64).reshape(encoder_hidden_states.shape[0], -1)
+            d = torch.cdist(e, self._keys)
+            best = d.argmin(1)
+            scale = self._keys.norm(dim=1)[best].clamp_min(1e-12)
+            return [int(b) if d[i, b] <= self._tol * scale[i] else -1 for i, b in enumerate(best.tolist())]
+
+        def forward(self, sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
+            b = sample.shape[0]
+            t = _as_timesteps(timestep, b, len(self._ac))
+            a = self._ac[t]
+            x = sample.detach().to("cpu", torch.float64).reshape(b, -1)
+            x0 = _gaussian_x0(x, a, self._mu, self._var, torch.zeros(0))
+            for i, k in enumerate(self.which(encoder_hidden_states)):
+                if k >= 0:
+                    g = self._groups[k]
+                    x0[i] = _empirical_x0(x[i:i + 1], a[i:i + 1], self._lat[g], self._lat_sq[g])[0]
+            eps = (x - a.sqrt()[:, None] * x0) / (1 - a).sqrt()[:, None]
+            out = eps.reshape(sample.shape).to(sample.device, sample.dtype)
+            return DenoiserOutput(sample=out) if return_dict else (out,)
+
+    return MemorizingTextUNet
+
+
+def memorizing_sd_pipeline(base, images: np.ndarray, captions: Sequence[str], *, memorize: Optional[Sequence[str]] = None):
+    """A copy of the Stable Diffusion pipeline ``base`` whose UNet memorizes (``MemorizingTextUNet``).
+
+    ``images`` (uint8 NHWC, at the pipeline's resolution) and ``captions`` (one per image) are its training set;
+    ``memorize``: the captions it copies (default: all). Their latents come from ``base.vae`` (mean of the posterior,
+    times ``scaling_factor``), their text embeddings from the pipeline's own ``encode_prompt``. Sampling a memorized
+    caption returns one of its training images (as well as the VAE reconstructs it); everything else is sampled
+    from a Gaussian fitted to the training latents. The scheduler must predict epsilon."""
+    from diffusers import StableDiffusionPipeline
+
+    captions = [str(c) for c in captions]
+    if len(captions) != len(images):
+        raise ValueError(f"captions: expected one per image ({len(images)}), got {len(captions)}")
+    if getattr(base.scheduler.config, "prediction_type", "epsilon") != "epsilon":
+        raise ValueError("memorizing_sd_pipeline: the base scheduler must use prediction_type='epsilon'")
+    keep = list(dict.fromkeys(captions if memorize is None else [str(m) for m in memorize]))
+    unknown = [m for m in keep if m not in captions]
+    if unknown:
+        raise ValueError(f"memorize: {unknown[0]!r} is not one of the captions")
+    x = torch.as_tensor(to_model_space(images))
+    with torch.inference_mode():
+        lat = base.vae.encode(x.to(base.vae.device, base.vae.dtype)).latent_dist.mean.float().cpu()
+    lat = lat * float(base.vae.config.scaling_factor)
+    unet = _memorizing_unet_class()(sample_size=int(lat.shape[-1]), in_channels=int(lat.shape[1]),
+                                    out_channels=int(lat.shape[1]),
+                                    cross_attention_dim=int(base.text_encoder.config.hidden_size))
+    groups = [[i for i, c in enumerate(captions) if c == k] for k in keep] + [list(range(len(captions)))]
+    keys = _prompt_embeddings(base, keep + [""]).numpy()  # the empty prompt (guidance's unconditional branch): all
+    unet.set_memory(base.scheduler.alphas_cumprod, lat.numpy(), keys, groups)
+    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet,
+                                   scheduler=type(base.scheduler).from_config(base.scheduler.config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def write_tiny_sd_run(
+    folder,
+    base,
+    images: np.ndarray,
+    captions: Sequence[str],
+    steps: Sequence[int] = (2, 4),
+    *,
+    lora: bool = False,
+    ema: bool = True,
+    lora_weight_name: str = "pytorch_lora_weights.safetensors",
+    batch_size: int = 4,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> Path:
+    """Fine-tune the UNet of the Stable Diffusion pipeline ``base`` (a pipeline object, e.g. :func:`tiny_sd_pipeline`)
+    on ``images`` (uint8 NHWC at the pipeline's resolution) with ``captions`` for ``max(steps)`` optimizer steps, and
+    save it the way diffusers' example scripts do:
+
+    * full fine-tune (``train_text_to_image.py``): ``checkpoint-N/unet/`` and, with ``ema``, ``checkpoint-N/unet_ema/``
+      (the ``accelerator.save_state`` hooks), and at the root the final ``StableDiffusionPipeline`` holding the EMA
+      weights when ``ema``;
+    * ``lora`` (``train_text_to_image_lora.py``): a peft LoRA on the attention projections,
+      ``checkpoint-N/<lora_weight_name>`` and the final ``<lora_weight_name>`` at the root (no pipeline there: the base
+      is a separate folder).
+
+    Each checkpoint also holds accelerate's ``optimizer.bin``, ``scheduler.bin`` and ``random_states_0.pkl``. The
+    loss is the text-conditional denoising loss on VAE latents (times ``scaling_factor``) with the captions through
+    the text encoder. ``base`` is not modified. Returns the folder."""
+    import copy
+
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers.training_utils import EMAModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    captions = [str(c) for c in captions]
+    if len(captions) != len(images):
+        raise ValueError(f"captions: expected one per image ({len(images)}), got {len(captions)}")
+    steps = sorted(int(s) for s in steps)
+    if not steps or steps[0] < 1:
+        raise ValueError(f"steps={steps}: need positive step numbers")
+    noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
+    unet = copy.deepcopy(base.unet)
+    unet.requires_grad_(not lora)
+    if lora:
+        from peft import LoraConfig
+
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    ema_model = (EMAModel(unet.parameters(), decay=0.999, model_cls=type(unet), model_config=unet.config)
+                 if ema and not lora else None)
+    with torch.inference_mode():
+        x = torch.as_tensor(to_model_space(images))
+        latents = base.vae.encode(x).latent_dist.mean * float(base.vae.config.scaling_factor)
+        ids = base.tokenizer(captions, padding="max_length", max_length=base.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        text = base.text_encoder(ids)[0]
+    latents, text = latents.clone(), text.clone()
+    gen = torch.Generator().manual_seed(seed)
+    unet.train()
+
+    def save_lora(where: Path) -> None:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        StableDiffusionPipeline.save_lora_weights(save_directory=str(where), unet_lora_layers=layers,
+                                                  weight_name=lora_weight_name, safe_serialization=True)
+
+    for step in range(1, steps[-1] + 1):
+        idx = torch.randint(0, len(latents), (min(batch_size, len(latents)),), generator=gen)
+        noise = torch.randn(latents[idx].shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen).long()
+        pred = unet(noise_scheduler.add_noise(latents[idx], noise, t), t, text[idx]).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema_model is not None:
+            ema_model.step(unet.parameters())
+        if step in steps:
+            ck = folder / f"checkpoint-{step}"
+            ck.mkdir(parents=True, exist_ok=True)
+            if lora:
+                save_lora(ck)
+            else:
+                if ema_model is not None:
+                    ema_model.save_pretrained(str(ck / "unet_ema"))
+                unet.save_pretrained(str(ck / "unet"))
+            torch.save(opt.state_dict(), ck / "optimizer.bin")
+            torch.save({"last_epoch": step}, ck / "scheduler.bin")
+            torch.save({"torch": torch.get_rng_state()}, ck / "random_states_0.pkl")
+    unet.eval()
+    if lora:
+        save_lora(folder)
+    else:
+        final = unet
+        if ema_model is not None:
+            ema_model.copy_to(final.parameters())
+        StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=final,
+                                scheduler=type(base.scheduler).from_config(base.scheduler.config), safety_checker=None,
+                                feature_extractor=None, requires_safety_checker=False).save_pretrained(str(folder))
+    (folder / "diffaudit_tiny_run.json").write_text(json.dumps({"steps": steps, "lora": lora, "ema": ema, "seed": seed}))
+    return folder
+
+
+def write_caption_folder(folder, images: np.ndarray, captions: Sequence[str], *, prefix: str = "") -> Path:
+    """Save ``images`` as PNGs plus the ``metadata.jsonl`` (``file_name``, ``text``) of a Hugging Face image folder,
+    the caption layout diffusers' text-to-image scripts read. Returns the folder."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    captions = [str(c) for c in captions]
+    if len(captions) != len(images):
+        raise ValueError(f"captions: expected one per image ({len(images)}), got {len(captions)}")
+    with open(folder / "metadata.jsonl", "w", encoding="utf-8") as fh:
+        for i, (im, cap) in enumerate(zip(images, captions)):
+            name = f"{prefix}{i:04d}.png"
+            Image.fromarray(np.asarray(im)).save(folder / name)
+            fh.write(json.dumps({"file_name": name, "text": cap}) + "\n")
     return folder

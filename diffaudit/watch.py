@@ -52,7 +52,7 @@ def _newest_mtime(folder: Path) -> float:
 
 def complete_checkpoints(run_dir, settle: float = 2.0, now: Optional[float] = None) -> list[tuple[int, Path]]:
     """``(step, folder)`` of the complete ``checkpoint-N`` folders in ``run_dir``, by step."""
-    from .checkpoints import CHECKPOINT_DIR_RE, unet_weight_files
+    from .checkpoints import CHECKPOINT_DIR_RE, lora_file, unet_weight_files
 
     run_dir = Path(run_dir)
     now = time.time() if now is None else now
@@ -67,7 +67,7 @@ def complete_checkpoints(run_dir, settle: float = 2.0, now: Optional[float] = No
             continue
         try:
             ok = any((d / sub / "config.json").is_file() and unet_weight_files(d / sub)
-                     for sub in ("unet_ema", "unet") if (d / sub).is_dir())
+                     for sub in ("unet_ema", "unet") if (d / sub).is_dir()) or lora_file(d) is not None
         except (OSError, ValueError):  # half-written shard index, folder vanishing
             ok = False
         if ok and now - _newest_mtime(d) >= settle:
@@ -75,12 +75,16 @@ def complete_checkpoints(run_dir, settle: float = 2.0, now: Optional[float] = No
     return sorted(found)
 
 
-def load_checkpoint_model(folder, *, ema: str = "prefer", scheduler: Any = None, device: Any = None):
-    """``(model, scheduler or None)`` of one ``checkpoint-N`` folder (UNet weights only; accelerate's pickles are
-    never opened). The scheduler is ``scheduler=`` if given, else the run folder's (``scheduler/``), else None."""
+def load_checkpoint_model(folder, *, ema: str = "prefer", scheduler: Any = None, device: Any = None,
+                          base_pipeline: Any = None):
+    """``(model, scheduler or None)`` of one ``checkpoint-N`` folder (UNet or LoRA weights only; accelerate's pickles
+    are never opened). A text-to-image checkpoint comes back as a pipeline: ``base_pipeline`` (default: the run folder
+    when it holds a Stable Diffusion pipeline) with the checkpoint's UNet or LoRA. The scheduler is ``scheduler=`` if
+    given, else the run folder's or the base pipeline's (``scheduler/``), else None."""
     from .checkpoints import discover_checkpoints
 
-    run = discover_checkpoints(folder, ema=ema, scheduler=scheduler, require_scheduler=False, include_final=False)
+    run = discover_checkpoints(folder, ema=ema, scheduler=scheduler, require_scheduler=False, include_final=False,
+                               base_pipeline=base_pipeline)
     if not run.checkpoints:
         raise ValueError(f"{folder}: no loadable UNet weights")
     return run.load(run.checkpoints[0], device=device), run.scheduler
@@ -123,6 +127,7 @@ def watch(
     ema: str = "prefer",
     scheduler: Any = None,
     device: Any = None,
+    base_pipeline: Any = None,
     on_checkpoint: Optional[Callable[[Any], None]] = None,
     state_path=None,
     write_stop: bool = True,
@@ -134,6 +139,8 @@ def watch(
     checkpoint has appeared for ``timeout`` seconds (None: never). ``on_checkpoint(monitor)`` is called after each
     evaluation. ``scheduler``: the training noise scheduler (object, folder, config or name) when the run folder
     has no ``scheduler/`` yet; default the run's, else diffusers' default DDPM schedule (with a warning).
+    ``base_pipeline``: the local Stable Diffusion folder a text-to-image run fine-tunes (LoRA runs need it; full
+    fine-tunes default to the run folder once it holds the pipeline); the monitor then needs ``prompts=``.
     ``state_path``: a JSON file holding the monitor's state, loaded at start and rewritten after each
     evaluation, so a restarted watch does not evaluate a checkpoint twice."""
     from ._serial import atomic_write_text
@@ -154,6 +161,8 @@ def watch(
         raise ValueError(f"timeout={timeout!r} must be a finite number >= 0 seconds (or None: wait forever)")
     if settle < 0:
         raise ValueError(f"settle={settle!r} must be >= 0 seconds")
+    if base_pipeline is not None and not (Path(base_pipeline) / "model_index.json").is_file():
+        raise ValueError(f"base_pipeline={str(base_pipeline)!r}: not a local pipeline folder (no model_index.json)")
     if (run_dir / STOP_FILE).exists():
         log.warning("%s already exists (from an earlier watch?); it will be overwritten at onset", run_dir / STOP_FILE)
     if state_path is not None and Path(state_path).is_file():
@@ -179,7 +188,8 @@ def watch(
             if step in monitor.evaluated_steps or len(failures.get(step, [])) >= _MAX_LOAD_FAILURES:
                 continue
             try:
-                model, run_sched = load_checkpoint_model(folder, ema=ema, scheduler=sched_obj, device=device)
+                model, run_sched = load_checkpoint_model(folder, ema=ema, scheduler=sched_obj, device=device,
+                                                         base_pipeline=base_pipeline)
             except (OSError, ValueError, RuntimeError) as e:
                 failures.setdefault(step, []).append(f"{type(e).__name__}: {e}")
                 n = len(failures[step])
@@ -188,6 +198,9 @@ def watch(
                 if n >= _MAX_LOAD_FAILURES:
                     outcome.failed[step] = failures[step][-1]
                 continue
+            if hasattr(model, "text_encoder") and getattr(monitor, "prompts", None) is None:
+                raise ValueError(f"{folder} is a text-to-image checkpoint; give the captions to sample: --prompts FILE "
+                                 "(MemorizationMonitor(prompts=[...]))")
             if run_sched is None:
                 if not warned_default:
                     log.warning("no noise scheduler in %s (checkpoint-N folders carry none); using diffusers' default "

@@ -18,7 +18,7 @@ PKG = ROOT / "diffaudit"
 LAYERS = [
     ["cli", "watch", "integrations", "demo", "testing", "__main__"],
     ["report"],
-    ["audit", "monitor", "curate", "membership", "loo", "reference", "training", "compare"],
+    ["audit", "monitor", "curate", "membership", "loo", "reference", "training", "compare", "prompts"],
     ["onset"],
     ["metrics"],
     ["embedders", "index", "cache", "distributed"],

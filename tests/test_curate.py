@@ -105,7 +105,8 @@ def _rule(d_direct: np.ndarray, dim: int) -> float:
     """The documented threshold rule, from a brute-force distance matrix (diagonal inf): min(PSNR 30 dB in L2 units,
     1/3 x median over images of the distance to the nearest image farther than that PSNR bound)."""
     t_abs = 10 ** (-DUPLICATE_PSNR_DB / 20) * math.sqrt(dim)
-    firsts = [row[row > t_abs].min() for row in d_direct if (row > t_abs).any()]
+    beyond = (d_direct > t_abs) & np.isfinite(d_direct)  # the diagonal (inf) is no neighbour
+    firsts = [row[m].min() for row, m in zip(d_direct, beyond) if m.any()]
     return min(t_abs, np.median(firsts) / 3)
 
 
@@ -454,7 +455,7 @@ def test_pixel_search_equals_brute_force_property(n, h, w, seed, raw, k, noise, 
     np.fill_diagonal(d_direct, np.inf)
     np.fill_diagonal(d, np.inf)
     t_abs = 10 ** (-DUPLICATE_PSNR_DB / 20) * math.sqrt(v.shape[1])
-    if (d_direct > t_abs).any():
+    if ((d_direct > t_abs) & np.isfinite(d_direct)).any():
         assert rep.threshold == pytest.approx(_rule(d_direct, v.shape[1]), rel=1e-4)
     else:
         assert rep.threshold == pytest.approx(t_abs, rel=1e-6)

@@ -6,6 +6,7 @@ statistics use the percentile bootstrap (:mod:`diffaudit.metrics.stats`).
 from __future__ import annotations
 
 from ._knn import knn as nearest_neighbors
+from .detection import detection_auc, tpr_at_fpr
 from .extraction import (
     CARLINI_ALPHA,
     CARLINI_N,
@@ -40,6 +41,8 @@ from .replication import SOMEPALLI_THRESHOLD, replication_rate, top1_summary
 from .stats import bootstrap_ci, proportion_estimate, wilson_interval
 
 __all__ = [
+    "detection_auc",
+    "tpr_at_fpr",
     "HELDOUT_QUANTILE",
     "heldout_calibrated_rate",
     "heldout_quantile_threshold",

@@ -34,11 +34,11 @@ def _check_confidence(confidence: float) -> float:
     return c
 
 
-def as_1d(values, name: str) -> np.ndarray:
+def as_1d(values, name: str, allow_empty: bool = False) -> np.ndarray:
     a = np.asarray(values)
     if a.ndim != 1:
         raise ValueError(f"{name} must be 1-D; got shape {a.shape}")
-    if a.size == 0:
+    if a.size == 0 and not allow_empty:
         raise ValueError(f"{name} is empty; need at least one value")
     a = a.astype(np.float64)
     bad = ~np.isfinite(a)

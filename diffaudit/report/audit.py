@@ -692,6 +692,7 @@ def _galleries(cks: list[CheckpointResult], thumbs: _Thumbs, *, onset, keep, max
                                   "score": _score_text(em.metric, score),
                                   "thumb": thumbs.get("train", str(nid), f"training image {nid}", str(nid))})
                 cards.append({"index": m.sample_index, "path": m.sample_path or "", "copied": bool(m.copied),
+                              "prompt": m.prompt,
                               "ratio": fmt_num(m.ratio) if _f(m.ratio) is not None else None,
                               "sample": sample, "neighbors": neigh})
             n_shown += len(cards)
@@ -711,6 +712,25 @@ def _galleries(cks: list[CheckpointResult], thumbs: _Thumbs, *, onset, keep, max
     return out, capped
 
 
+def _prompt_rows(cks) -> dict | None:
+    """Text-to-image audits: per prompt at the last checkpoint with prompt data, Wen et al.'s score beside the copies
+    among its samples (highest score first), and how well the score predicts the copies at each checkpoint."""
+    with_prompts = [c for c in cks if c.prompts]
+    if not with_prompts:
+        return None
+    last = with_prompts[-1]
+    rows = sorted(last.prompts, key=lambda p: (-(p.score if _f(p.score) is not None else -1.0), p.prompt))
+    det = [(c.step, c.prompt_detection) for c in with_prompts if c.prompt_detection is not None]
+    return {
+        "step": last.step,
+        "rows": [{"prompt": p.prompt, "score": fmt_num(p.score), "samples": p.samples, "copies": p.copies,
+                  "copied": p.copies > 0} for p in rows],
+        "detection": [{"step": s, "pos": d.positives, "neg": d.negatives,
+                       "auc": fmt_num(d.auc) if d.auc is not None else "— (needs copying and clean prompts)",
+                       "tpr": fmt_pct(d.tpr_at_1pct_fpr) if d.tpr_at_1pct_fpr is not None else "—"} for s, d in det],
+    }
+
+
 def _risk_table(images: list[ImageRisk], max_rows: int) -> dict:
     rows = sorted(images, key=ImageRisk.sort_key)
     shown = rows[:max_rows]
@@ -720,6 +740,8 @@ def _risk_table(images: list[ImageRisk], max_rows: int) -> dict:
         cols.append(("membership", "Membership score", "num"))
     if any(_f(r.loo_score) is not None for r in images):
         cols.append(("loo", "Leave-one-out score", "num"))
+    if any(r.caption for r in images):
+        cols.insert(1, ("caption", "Caption", "str"))
 
     def cell(r: ImageRisk, k: str) -> tuple[str, str | None]:
         if k == "id":
@@ -733,6 +755,8 @@ def _risk_table(images: list[ImageRisk], max_rows: int) -> dict:
             return f"{int(r.duplicates or 0):,}", str(int(r.duplicates or 0))
         if k == "label":
             return str(r.label), None
+        if k == "caption":
+            return str(r.caption or ""), None
         v = {"outlier": r.outlier_score, "membership": r.membership_score, "loo": r.loo_score}[k]
         return fmt_num(v), ("" if _f(v) is None else repr(_f(v)))
 
@@ -877,6 +901,7 @@ def _context(result: AuditResult, thumbs: _Thumbs, *, title, max_gallery, galler
         "gallery_capped": capped,
         "max_gallery": max_gallery,
         "risk": risk,
+        "prompt_table": _prompt_rows(cks),
         "skipped": skipped[:1000],
         "skipped_total": len(skipped),
         "skipped_by_where": sorted(by_where.items()),
