@@ -194,7 +194,7 @@ def audit_cmd(
     run: Optional[List[Path]] = typer.Argument(None, help="Run folder (checkpoint-N/...), pipeline folder(s) or .safetensors files."),
     train: Optional[Path] = typer.Option(None, "--train", help="Folder of training images."),
     heldout: Optional[Path] = typer.Option(None, "--heldout", help="Folder of held-out real images."),
-    embedder: Optional[List[str]] = typer.Option(None, "--embedder", "-e", help="Repeatable: pixel, tiled, clip:<arch>, sscd."),
+    embedder: Optional[List[str]] = typer.Option(None, "--embedder", "-e", help="Repeatable: pixel, tiled, clip:<arch> (a local open_clip folder: clip:local-dir:<folder>), sscd, sscd:distilled."),
     weights: Optional[List[str]] = typer.Option(None, "--weights", help="Repeatable NAME=PATH, e.g. sscd=sscd.torchscript.pt"),
     samples: Optional[int] = typer.Option(None, "--samples", "-n", help=f"Samples per checkpoint (default: {_AUDIT_DEFAULTS.num_samples}, or the --config preset's)."),
     seed: Optional[int] = typer.Option(None, help=f"Noise seed, same noise at every checkpoint (default: {_AUDIT_DEFAULTS.seed})."),
@@ -265,6 +265,72 @@ def audit_cmd(
     out.print(f"report: {out_dir / 'report.html'}", soft_wrap=True, highlight=False)
 
 
+@app.command("prompts")
+@_guard
+def prompts_cmd(
+    run: Path = typer.Argument(..., help="Text-to-image run folder (checkpoint-N/...), pipeline folder or LoRA file."),
+    prompts: Path = typer.Option(..., "--prompts", help=_PROMPTS_HELP.replace(" (text-to-image runs; default: the --train folder's captions)", "")),
+    caption_column: Optional[str] = typer.Option(None, "--caption-column", help="Caption column of --prompts."),
+    base_pipeline: Optional[Path] = typer.Option(None, "--base-pipeline", help="Local base pipeline folder (LoRA runs)."),
+    ema: str = typer.Option("prefer", help="prefer | only | never (use unet_ema/ weights)."),
+    generations: int = typer.Option(1, "--generations", min=1, help="Seeds per prompt the score averages over."),
+    score_steps: int = typer.Option(1, "--score-steps", min=1, help="First sampling steps the score averages over."),
+    steps: int = typer.Option(50, "--inference-steps", min=1, help="DDIM steps the first steps are taken from."),
+    guidance_scale: float = typer.Option(7.5, "--guidance-scale", help="Classifier-free guidance between steps."),
+    seed: int = typer.Option(0, help="Noise seed (the same noise at every checkpoint)."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Image size in pixels (default: the UNet's)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (half precision on CUDA only)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda | cuda:N | cpu (default: CUDA when available)."),
+    top: int = typer.Option(10, "--top", min=0, help="Prompts to print per checkpoint (the files hold all)."),
+    out_dir: Path = typer.Option(Path("diffaudit-prompts"), "--out", "-o", help="Where prompts.json / prompts.csv go."),
+) -> None:
+    """Rank prompts by Wen et al.'s memorization score at each checkpoint (no training images needed)."""
+    import csv
+    import io
+    import json
+
+    from ._serial import atomic_write_text
+    from .audit import torch_dtype
+    from .prompts import rank_prompts
+    from .sampling import read_prompts
+
+    if score_steps > steps:
+        raise ValueError(f"--score-steps {score_steps} must be at most --inference-steps {steps}")
+    if ema not in ("prefer", "only", "never"):
+        raise ValueError(f"--ema {ema!r} is not allowed; expected prefer, only or never")
+    texts = read_prompts(prompts, caption_column)
+    dt = torch_dtype(dtype, device)
+    out_dir = _check_out_dir(out_dir)
+    rows = rank_prompts(str(run), texts, base_pipeline=str(base_pipeline) if base_pipeline else None, ema=ema,
+                        generations=generations, steps=score_steps, num_inference_steps=steps,
+                        guidance_scale=guidance_scale, seed=seed, resolution=resolution, device=device, dtype=dt,
+                        progress=True)
+    doc = {"method": "Wen et al. 2024: mean ||eps(x_t, prompt) - eps(x_t, '')||_2 over the first steps and seeds",
+           "settings": {"generations": generations, "score_steps": score_steps, "inference_steps": steps,
+                        "guidance_scale": guidance_scale, "seed": seed, "resolution": resolution, "run": str(run)},
+           "checkpoints": [{**r, "prompts": [p.to_dict() for p in r["prompts"]]} for r in rows]}
+    atomic_write_text(out_dir / "prompts.json", json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["step", "final", "rank", "score", "prompt"])
+    for r in rows:
+        for k, p in enumerate(r["prompts"]):
+            w.writerow([r["step"], r["final"], k + 1, f"{p.score:.6g}", p.prompt])
+    atomic_write_text(out_dir / "prompts.csv", buf.getvalue())
+    from rich.table import Table
+
+    for r in rows:
+        t = Table(title=f"step {r['step']}" + (" (final model)" if r["final"] else ""), show_lines=False)
+        t.add_column("rank", justify="right")
+        t.add_column("score", justify="right")
+        t.add_column("prompt")
+        for k, p in enumerate(r["prompts"][:top]):
+            t.add_row(str(k + 1), f"{p.score:.4g}", safe_text(p.prompt))
+        if top:
+            out.print(t)
+    out.print(f"scores: {out_dir / 'prompts.json'} and {out_dir / 'prompts.csv'}", soft_wrap=True, highlight=False)
+
+
 @app.command("compare")
 @_guard
 def compare_cmd(
@@ -314,7 +380,7 @@ def watch_cmd(
     run_dir: Path = typer.Argument(..., help="Training run folder where checkpoint-N/ folders appear (output_dir)."),
     train: Path = typer.Option(..., "--train", help="Folder of training images."),
     heldout: Optional[Path] = typer.Option(None, "--heldout", help="Folder of held-out real images (loss gap, C_T)."),
-    embedder: Optional[List[str]] = typer.Option(None, "--embedder", "-e", help="Repeatable: pixel, tiled, clip:<arch>, sscd."),
+    embedder: Optional[List[str]] = typer.Option(None, "--embedder", "-e", help="Repeatable: pixel, tiled, clip:<arch> (a local open_clip folder: clip:local-dir:<folder>), sscd, sscd:distilled."),
     weights: Optional[List[str]] = typer.Option(None, "--weights", help="Repeatable NAME=PATH, e.g. sscd=sscd.torchscript.pt"),
     samples: int = typer.Option(256, "--samples", "-n", min=2, help="Samples per checkpoint (same noise each time)."),
     steps: int = typer.Option(25, "--inference-steps", min=1, help="Sampler steps."),

@@ -262,6 +262,29 @@ def memorization_level(onset_step: Optional[int], fit_step: Optional[int]) -> st
     return "fits" if fit_step is not None else "generalizes"
 
 
+def _other_embedder_words(ck, embedder: Optional[str], threshold) -> Optional[str]:
+    """When another embedder's copy rule flags many more samples than the one the verdict follows: say which one drives
+    the verdict and why, so a high number elsewhere in the report is not read as the verdict's."""
+    from ._format import fmt_pct
+
+    if not embedder or embedder not in ck.metrics:
+        return None
+    thr = float(threshold) if threshold is not None and _valid(threshold) else 0.02
+    for name, em in ck.metrics.items():
+        if name == embedder:
+            continue
+        for field in ("replication_rate", "memorization_ratio", "extraction_fraction"):
+            est = getattr(em, field, None)
+            low = getattr(est, "low", None) if est is not None else None
+            if est is not None and _valid(low) and float(low) > thr:
+                return (f"{name} flags {fmt_pct(est.value)} of the samples, but the verdict follows {embedder}: the "
+                        "copy rules are ranked pixel (Gu et al.), then copy-detection descriptors (Somepalli et al.), "
+                        "then tiled L2 (Carlini et al.), and the first embedder present decides; a descriptor with "
+                        "untrained or unsuitable weights flags nearly everything -- check it on known copies before "
+                        "trusting it, or audit with that embedder alone")
+    return None
+
+
 def _near_copy_words(ck, embedder: Optional[str], signal_metric: str) -> Optional[str]:
     """The share of samples under Gu et al.'s looser ratio d1/d2 < 1/2 when it is well above the copy rule's count:
     noisy or partial reproductions that no copy rule catches."""
@@ -335,6 +358,9 @@ def verdict(checkpoints: Sequence, onset) -> Verdict:
     near = _near_copy_words(last, emb, metric)
     if near:
         lines.append(near[0].upper() + near[1:] + ".")
+    other = _other_embedder_words(last, emb, onset.threshold) if onset.onset_step is None else None
+    if other:
+        lines.append("Note: " + other + ".")
     if fit_sig:
         lines.append(("The model fits its training images far more tightly than held-out ones"
                       + (f" from step {fmt_step(fit_step)}" if fit_step is not None else " at the last checkpoint")

@@ -148,3 +148,33 @@ def prompt_detection(table: Sequence[PromptScore], fpr: float = 0.01) -> Optiona
     neg = np.asarray([r.score for r in rows if r.copies == 0], dtype=np.float64)
     return PromptDetection(positives=int(pos.size), negatives=int(neg.size), auc=detection_auc(pos, neg),
                            tpr_at_1pct_fpr=tpr_at_fpr(pos, neg, fpr))
+
+
+def rank_prompts(run, prompts: Sequence[str], *, base_pipeline=None, ema: str = "prefer",
+                 generations: int = DEFAULT_GENERATIONS, steps: int = DEFAULT_STEPS, num_inference_steps: int = 50,
+                 guidance_scale: float = 7.5, seed: int = 0, batch_size: int = 16, resolution: Optional[int] = None,
+                 device=None, dtype=None, progress: bool = False) -> list[dict]:
+    """Wen et al.'s score of ``prompts`` at every checkpoint of a text-to-image ``run`` (a run folder, a pipeline
+    folder, a LoRA file, or a discovered :class:`~diffaudit.checkpoints.CheckpointRun`); no training images needed.
+    Returns one ``{"step", "path", "final", "prompts": [PromptScore, ...]}`` per checkpoint, prompts by descending
+    score."""
+    from .checkpoints import CheckpointRun, discover_checkpoints
+
+    prompts = [str(p) for p in prompts]
+    if not prompts or not all(p.strip() for p in prompts):
+        raise ValueError("prompts: give at least one non-empty prompt")
+    if not isinstance(run, CheckpointRun):
+        run = discover_checkpoints(run, ema=ema, base_pipeline=base_pipeline, require_scheduler=False)
+    if not run.conditional:
+        raise ValueError(f"run={str(run.root)!r}: not a text-to-image run (the prompt score needs a text encoder)")
+    out = []
+    for ck in run.checkpoints:
+        pipe = run.load(ck, device=device, dtype=dtype)
+        s = prompt_scores(pipe, prompts, generations=generations, steps=steps, num_inference_steps=num_inference_steps,
+                          guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, resolution=resolution,
+                          device=device, progress=progress)
+        table = prompt_table(prompts, s, [], [])
+        table.sort(key=lambda r: (-(r.score or 0.0), r.prompt))
+        out.append({"step": int(ck.step), "path": str(ck.path), "final": bool(ck.final), "prompts": table})
+        log.info("prompt scores at step %s: top %.4g", ck.step, table[0].score if table else float("nan"))
+    return out

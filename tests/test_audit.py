@@ -448,3 +448,26 @@ def test_calibrated_copy_rate_beside_the_fixed_rule(data, tmp_path):
     assert lo is None or lo <= mem.heldout_calibrated_threshold
     assert hi is None or mem.heldout_calibrated_threshold <= hi
     assert mem.threshold == gen.threshold  # the literature's rule is untouched
+
+
+class _Blind(Embedder):
+    """A copy-detection descriptor that sees every image alike (like untrained weights): every sample 'replicates'."""
+
+    name = "test-blind"
+    metric = "cosine"
+    default_threshold = 0.5
+
+    def embed_batch(self, images):
+        rng = np.random.default_rng(len(images))
+        base = np.ones((len(images), 16), np.float32)
+        return base + 1e-3 * rng.standard_normal(base.shape).astype(np.float32)
+
+
+def test_verdict_says_which_embedder_drives_it(data, tmp_path):
+    """A blind descriptor flags every sample while pixels find no copy: the verdict stays 'no onset' and says it
+    follows the pixel rule and why, instead of leaving a 100% rate under a clean banner unexplained."""
+    r = _audit(data, [(100, data["gau"]), (200, data["gau"])], tmp_path, embedders=["pixel", _Blind()],
+               num_samples=32)
+    assert r.onset_step is None
+    assert r.checkpoints[-1].metrics["test-blind"].replication_rate.value == 1.0
+    assert "test-blind flags 100% of the samples, but the verdict follows pixel-16x16" in r.verdict

@@ -220,3 +220,54 @@ def test_package_audit_is_callable_after_the_module_is_imported():
 
     with pytest.raises(ValueError, match="train"):
         da.audit("nowhere")  # reaches the function: argument validation, not "module is not callable"
+
+
+def test_prompts_command_ranks_every_checkpoint(sd, tmp_path):
+    """`diffaudit prompts` scores each checkpoint without training images; its numbers are the prompt_scores of that
+    checkpoint loaded the way diffusers loads it (base + LoRA), ranked."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffaudit.prompts import prompt_scores
+
+    root = sd["root"]
+    out = tmp_path / "pr"
+    r = invoke("prompts", root / "lora", "--base-pipeline", root / "base", "--prompts", root / "train",
+               "--inference-steps", 5, "--top", 2, "-o", out)
+    assert r.exit_code == 0, r.output
+    doc = json.loads((out / "prompts.json").read_text())
+    assert [c["step"] for c in doc["checkpoints"]] == [2, 4]
+    last = doc["checkpoints"][-1]["prompts"]
+    assert [p["score"] for p in last] == sorted((p["score"] for p in last), reverse=True)
+    assert sorted(p["prompt"] for p in last) == sorted(sd["caps"][:N_TRAIN])
+    pipe = StableDiffusionPipeline.from_pretrained(str(root / "base"), local_files_only=True, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.load_lora_weights(str(root / "lora" / "checkpoint-4"), weight_name="my_style.safetensors")
+    order = sd["caps"][:N_TRAIN]  # the noise of prompt i is the sample noise of index i: score the same list
+    want = prompt_scores(pipe, order, num_inference_steps=5)[:, 0]
+    assert last[0]["score"] == pytest.approx(want[order.index(last[0]["prompt"])], rel=1e-4)
+    assert (out / "prompts.csv").read_text().splitlines()[0] == "step,final,rank,score,prompt"
+    bad = invoke("prompts", root / "lora", "--base-pipeline", root / "base", "--prompts", root / "train",
+                 "--score-steps", 9, "--inference-steps", 5, "-o", tmp_path / "bad")
+    assert bad.exit_code != 0 and len(error_lines(bad.output)) == 1 and "--score-steps" in bad.output
+
+
+def test_prompts_command_refuses_an_unconditional_run(tmp_path):
+    from diffaudit.testing import write_tiny_run
+
+    run = write_tiny_run(tmp_path / "run", steps=(1,))
+    (tmp_path / "p.txt").write_text("x\n")
+    r = invoke("prompts", run, "--prompts", tmp_path / "p.txt", "-o", tmp_path / "o")
+    lines = error_lines(r.output)
+    assert r.exit_code != 0 and len(lines) == 1 and "not a text-to-image run" in lines[0], r.output
+
+
+def test_shipped_sd_config_audits_a_full_finetune(sd, tmp_path):
+    from pathlib import Path
+
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "sd-text2img.yaml"
+    root = sd["root"]
+    r = invoke("audit", root / "full", "--train", root / "train", "--config", cfg, "-n", 4, "--inference-steps", 2,
+               "-o", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "o" / "audit.json").read_text())
+    assert res["provenance"]["sampler"]["seeds_per_prompt"] == 4
