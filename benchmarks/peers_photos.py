@@ -1,13 +1,20 @@
-"""Immaculate (PyPI ``immaculate``; methods pdq, phash, sscd, sscd_distilled) on the photo set of
-``bench_photos.py``, scored the same way. Runs in a Python >= 3.12 environment (Immaculate's requirement):
+"""The peer duplicate finders on the photo set of ``bench_photos.py``, scored the same way:
 
-    PYENV_VERSION=3.12.1 python3 -m venv /tmp/v312 && /tmp/v312/bin/pip install "immaculate[sscd]"
-    .venv/bin/python benchmarks/bench_photos.py --keep /tmp/photoset --sscd-weights ...   # diffaudit, same folder
-    /tmp/v312/bin/python benchmarks/peers_photos.py /tmp/photoset
+* Immaculate (PyPI ``immaculate``; methods pdq, phash, sscd, sscd_distilled) -- needs Python >= 3.12:
 
-Immaculate reports sets (exact and near); every pair inside a set counts as a reported pair. Time: the
-``find_duplicates`` call, imports excluded. Peak memory: the process's ``ru_maxrss`` after each method (a high-water
-mark, so it only grows).
+      PYENV_VERSION=3.12.1 python3 -m venv /tmp/v312 && /tmp/v312/bin/pip install "immaculate[sscd]"
+      /tmp/v312/bin/python benchmarks/peers_photos.py /tmp/photoset [out.json]
+
+* imagededup (phash, dhash, whash, ahash; default max_distance_threshold 10) and cleanvision (exact + near duplicate
+  sets) -- in the peers venv of ``setup_peers.sh``:
+
+      /work/peers-venv/bin/python benchmarks/peers_photos.py /tmp/photoset [out.json]
+
+  (``.venv/bin/python benchmarks/bench_photos.py --keep /tmp/photoset ...`` writes the folder and scores diffaudit.)
+
+Every tool importable in the running interpreter is run; the others are listed as not installed. A tool reporting
+sets (Immaculate, cleanvision) counts every pair inside a set. Time: the duplicate search call, imports excluded.
+Peak memory: the process's ``ru_maxrss`` after each method (a high-water mark, so it only grows).
 """
 from __future__ import annotations
 
@@ -39,26 +46,61 @@ def score(pairs, truth, blank=frozenset()) -> dict:
     return out
 
 
-def main() -> None:
+def _immaculate(folder: Path):
     import immaculate
 
+    for method in ("pdq", "phash", "sscd", "sscd_distilled"):
+        t0 = time.perf_counter()
+        d = immaculate.find_duplicates(folder, method)
+        secs = time.perf_counter() - t0
+        yield (f"immaculate-{method}", secs,
+               [(a.name, b.name) for group in list(d.exact) + list(d.near) for a, b in combinations(group, 2)])
+
+
+def _imagededup(folder: Path):
+    from imagededup import methods
+
+    for name, cls in (("phash", methods.PHash), ("dhash", methods.DHash), ("whash", methods.WHash),
+                      ("ahash", methods.AHash)):
+        t0 = time.perf_counter()
+        dups = cls(verbose=False).find_duplicates(image_dir=str(folder))
+        secs = time.perf_counter() - t0
+        yield f"imagededup-{name}", secs, sorted({tuple(sorted((a, b))) for a, bs in dups.items() for b in bs})
+
+
+def _cleanvision(folder: Path):
+    from cleanvision import Imagelab
+
+    t0 = time.perf_counter()
+    lab = Imagelab(data_path=str(folder), verbose=False)
+    lab.find_issues({"exact_duplicates": {}, "near_duplicates": {}}, verbose=False)
+    secs = time.perf_counter() - t0
+    groups = [[Path(p).name for p in st] for it in ("exact_duplicates", "near_duplicates") for st in lab.info[it]["sets"]]
+    yield "cleanvision", secs, [(a, b) for g in groups for a, b in combinations(g, 2)]
+
+
+def main() -> None:
     root = Path(sys.argv[1])
     t = json.loads((root / "truth.json").read_text())
     truth = {frozenset(p[:2]): p[2] for p in t["pairs"]}
     blank = frozenset(t["blank"])
     folder = root / "photos"
-    print(f"immaculate {immaculate.__version__}; load average {os.getloadavg()[0]:.2f} (cores: {os.cpu_count()})")
+    print(f"python {sys.version.split()[0]}; load average {os.getloadavg()[0]:.2f} (cores: {os.cpu_count()})")
+    print(f"{'tool':<22} {'pairs':>6} {'prec':>6} {'p-nb':>6} {'recall':>6} " + " ".join(f"{k:>6}" for k in KINDS))
     rows = {}
-    for method in ("pdq", "phash", "sscd", "sscd_distilled"):
-        t0 = time.perf_counter()
-        d = immaculate.find_duplicates(folder, method)
-        secs = time.perf_counter() - t0
-        pairs = [(a.name, b.name) for group in list(d.exact) + list(d.near) for a, b in combinations(group, 2)]
-        rows[method] = {"find_s": round(secs, 2), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                        // 1024, **score(pairs, truth, blank)}
-        r = rows[method]
-        print(f"{method:<15} {r['pairs']:>6} {str(r['precision']):>6} {str(r['precision_nonblank']):>6} "
-              f"{r['recall']:>6} " + " ".join(f"{r['recall_' + k]:>6}" for k in KINDS) + f"  {secs:.2f} s")
+    for tool, run in (("immaculate", _immaculate), ("imagededup", _imagededup), ("cleanvision", _cleanvision)):
+        try:
+            for name, secs, pairs in run(folder):
+                rows[name] = {"find_s": round(secs, 2),
+                              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+                              **score(pairs, truth, blank)}
+                r = rows[name]
+                print(f"{name:<22} {r['pairs']:>6} {str(r['precision']):>6} {str(r['precision_nonblank']):>6} "
+                      f"{r['recall']:>6} " + " ".join(f"{r['recall_' + k]:>6}" for k in KINDS) + f"  {secs:.2f} s",
+                      flush=True)
+        except ImportError as e:
+            rows[tool] = {"not_installed": str(e)}
+            print(f"{tool:<22} not installed in this interpreter ({e})")
     if len(sys.argv) > 2:
         Path(sys.argv[2]).write_text(json.dumps(rows, indent=1))
 

@@ -83,6 +83,10 @@ class CheckpointError(ValueError):
     """A checkpoint (or a run folder) cannot be discovered or loaded; the message says why and what to do."""
 
 
+class MissingBasePipelineError(CheckpointError):
+    """A text-conditional checkpoint (UNet2DConditionModel or LoRA) without a base pipeline to load it into."""
+
+
 class UnsafeCheckpointError(CheckpointError):
     """A pickle weight file holds Python objects other than tensors; it was refused without running any of it."""
 
@@ -664,10 +668,10 @@ def discover_checkpoints(
     if base is None:
         needy = [c for c in cks if c.conditional]
         if needy:
-            raise CheckpointError(
+            raise MissingBasePipelineError(
                 f"checkpoint '{needy[0].path}' is text-conditional ({'LoRA weights' if needy[0].kind == 'lora' else 'UNet2DConditionModel'}); "
-                "pass base_pipeline= the local Stable-Diffusion-style pipeline folder it was fine-tuned from "
-                "(with text_encoder, tokenizer, vae)"
+                "pass --base-pipeline DIR (base_pipeline=): the local Stable-Diffusion-style pipeline folder it was "
+                "fine-tuned from (with text_encoder, tokenizer, vae)"
             )
     if base is not None:
         sched_dirs.append(Path(base))

@@ -292,7 +292,7 @@ class MemorizationMonitor:
     def recommendation(self) -> Recommendation:
         """The checkpoint to keep, by the audit's rule (:func:`diffaudit.onset.recommendation_for`: the best sample
         quality in the stop window [tau_gen, onset) when quality was measured, else held-out loss)."""
-        return recommendation_for(self.history, self._onset_step, self._primary_name())
+        return recommendation_for(self.history, self._onset_step, self._primary_name(), self.rule.threshold)
 
     @property
     def tau_gen(self) -> Optional[int]:

@@ -374,7 +374,10 @@ def verdict(checkpoints: Sequence, onset) -> Verdict:
                      f"{'s' * (len(failed) != 1)} {', '.join(fmt_step(s) for s in failed)}: every sample NaN/inf); "
                      "they count neither as copying nor as clean.")
     if onset.tau_gen is not None:
-        end = f"the onset at step {fmt_step(onset.onset_step)}" if onset.onset_step is not None else "the last checkpoint"
+        copying = getattr(onset, "copying_step", None)
+        end = (f"the onset at step {fmt_step(onset.onset_step)}" if onset.onset_step is not None else
+               f"the first checkpoint with copies (step {fmt_step(copying)})" if copying is not None else
+               "the last checkpoint")
         lines.append(f"Sample quality reaches its plateau at step {fmt_step(onset.tau_gen)} (tau_gen)"
                      + (", no earlier than memorization starts: there is no checkpoint that generalizes well and "
                         "does not copy yet." if onset.window_empty else
@@ -473,24 +476,48 @@ def recommend_in_window(steps: Sequence[int], fds: Sequence, onset_step: Optiona
                              f"quality before the onset (Frechet distance {float(e.value):.4g})")
 
 
-def recommendation_for(checkpoints: Sequence, onset_step: Optional[int], quality_embedder: Optional[str] = None
-                       ) -> Recommendation:
+def recommendation_for(checkpoints: Sequence, onset_step: Optional[int], quality_embedder: Optional[str] = None,
+                       threshold: Optional[float] = None) -> Recommendation:
     """The checkpoint to keep: by the stop window when sample quality was measured (:func:`recommend_in_window`),
     else by held-out denoising loss before the onset (:func:`recommend_checkpoint`)."""
-    return _decide(checkpoints, onset_step, quality_embedder)[0]
+    return _decide(checkpoints, onset_step, quality_embedder, threshold)[0]
 
 
-def _decide(checkpoints: Sequence, onset_step: Optional[int], quality_embedder: Optional[str]
-            ) -> tuple[Recommendation, Optional[int]]:
-    """(the checkpoint to keep, tau_gen) over checkpoint results."""
+def first_copying_step(checkpoints: Sequence, threshold: Optional[float]) -> Optional[int]:
+    """The first checkpoint whose onset signal's CI lower bound exceeds ``threshold`` (copies shown there, confirmed
+    or not by the later checkpoints)."""
+    if threshold is None:
+        return None
+    for c in sorted(checkpoints, key=lambda c: c.step):
+        sig = getattr(c, "onset_signal", None)
+        low = getattr(sig, "low", None) if sig is not None else None
+        if not getattr(c, "failed", "") and _valid(low) and float(low) > float(threshold):
+            return int(c.step)
+    return None
+
+
+def _decide(checkpoints: Sequence, onset_step: Optional[int], quality_embedder: Optional[str],
+            threshold: Optional[float] = None) -> tuple[Recommendation, Optional[int]]:
+    """(the checkpoint to keep, tau_gen) over checkpoint results. Without a confirmed onset, a checkpoint that
+    already shows copies (CI lower bound over ``threshold``, not yet for ``patience`` checkpoints) still ends the
+    candidates: the tool never recommends a checkpoint it has seen copy."""
     steps = [c.step for c in checkpoints]
     fds = [quality_of(c, quality_embedder) for c in checkpoints]
     tg = tau_gen(steps, fds)
+    end = onset_step if onset_step is not None else first_copying_step(checkpoints, threshold)
     if any(f is not None for f in fds):
-        return recommend_in_window(steps, fds, onset_step, tg), tg
-    return recommend_checkpoint(
-        steps, onset_step, heldout_losses=[c.loss_heldout for c in checkpoints],
-        signal_values=[c.onset_signal.value if c.onset_signal is not None else None for c in checkpoints]), tg
+        rec = recommend_in_window(steps, fds, end, tg)
+    else:
+        rec = recommend_checkpoint(
+            steps, end, heldout_losses=[c.loss_heldout for c in checkpoints],
+            signal_values=[c.onset_signal.value if c.onset_signal is not None else None for c in checkpoints])
+    if onset_step is None and end is not None:  # say that the end is unconfirmed copying, not the onset
+        rec = Recommendation(rec.step, rec.reason.replace(f"memorization onset at step {int(end)}",
+                                                          f"first checkpoint with copies (step {int(end)}, not yet "
+                                                          "confirmed)").replace(
+            f"memorization starts (step {int(end)})", f"copies appear (step {int(end)})").replace(
+            "the best quality before the onset", "the best quality before them"))
+    return rec, tg
 
 
 def onset_info(rule: OnsetRule, checkpoints: Sequence, *, copy_rule: str, signal_metric: str, signal_embedder: str,
@@ -501,7 +528,9 @@ def onset_info(rule: OnsetRule, checkpoints: Sequence, *, copy_rule: str, signal
 
     if not decided:
         onset_step = onset_of(rule, checkpoints)
-    rec, tg = _decide(checkpoints, onset_step, signal_embedder)
+    rec, tg = _decide(checkpoints, onset_step, signal_embedder, rule.threshold)
+    copying = first_copying_step(checkpoints, rule.threshold)
+    end = onset_step if onset_step is not None else copying  # the stop window ends at the first copies seen
     fit_step = fit_onset(rule, checkpoints, signal_embedder)
     measured = [c for c in checkpoints if fit_evidence(c, signal_embedder)[0] is not None]
     fit_signals = fit_evidence(measured[-1], signal_embedder)[1] if measured else []
@@ -510,7 +539,7 @@ def onset_info(rule: OnsetRule, checkpoints: Sequence, *, copy_rule: str, signal
                      confidence=rule.confidence, onset_step=onset_step, recommended_step=rec.step,
                      recommended_reason=rec.reason, copy_rule=copy_rule, signal_metric=signal_metric,
                      signal_embedder=signal_embedder, tau_gen=tg,
-                     window_empty=tg is not None and onset_step is not None and int(onset_step) <= tg)
+                     window_empty=tg is not None and end is not None and int(end) <= tg, copying_step=copying)
 
 
 #: how the onset rule reads in provenance records

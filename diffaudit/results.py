@@ -232,6 +232,7 @@ class OnsetInfo(JsonMixin):
     signal_embedder: str = ""
     tau_gen: Optional[int] = None  # when sample quality reached its plateau (diffaudit.onset.tau_gen)
     window_empty: bool = False  # memorization started before quality plateaued: no step in [tau_gen, onset)
+    copying_step: Optional[int] = None  # first checkpoint showing copies (CI low > threshold), confirmed or not
     # the level of memorization the evidence shows (diffaudit.onset.memorization_level): "copies" (a copy rule's
     # onset is confirmed), "fits" (memorizes without copying yet: membership / held-out comparison say the model
     # fits its training images far more tightly than held-out ones), "generalizes" (neither); "" = not assessed

@@ -543,6 +543,7 @@ def write_tiny_sd_run(
     lora: bool = False,
     ema: bool = True,
     lora_weight_name: str = "pytorch_lora_weights.safetensors",
+    caption_dropout: float = 0.0,
     batch_size: int = 4,
     lr: float = 1e-3,
     seed: int = 0,
@@ -560,7 +561,9 @@ def write_tiny_sd_run(
 
     Each checkpoint also holds accelerate's ``optimizer.bin``, ``scheduler.bin`` and ``random_states_0.pkl``. The
     loss is the text-conditional denoising loss on VAE latents (times ``scaling_factor``) with the captions through
-    the text encoder. ``base`` is not modified. Returns the folder."""
+    the text encoder; ``caption_dropout``: the chance that a training example's caption is replaced by the empty
+    prompt (how Stable Diffusion learned its unconditional branch for classifier-free guidance). ``base`` is not
+    modified. Returns the folder."""
     import copy
 
     from diffusers import DDPMScheduler, StableDiffusionPipeline
@@ -592,7 +595,12 @@ def write_tiny_sd_run(
         ids = base.tokenizer(captions, padding="max_length", max_length=base.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
         text = base.text_encoder(ids)[0]
-    latents, text = latents.clone(), text.clone()
+        empty_ids = base.tokenizer([""], padding="max_length", max_length=base.tokenizer.model_max_length,
+                                   return_tensors="pt").input_ids
+        empty = base.text_encoder(empty_ids)[0]
+    latents, text, empty = latents.clone(), text.clone(), empty.clone()
+    if not 0.0 <= float(caption_dropout) < 1.0:
+        raise ValueError(f"caption_dropout={caption_dropout!r}: expected a probability in [0, 1)")
     gen = torch.Generator().manual_seed(seed)
     unet.train()
 
@@ -608,7 +616,11 @@ def write_tiny_sd_run(
         idx = torch.randint(0, len(latents), (min(batch_size, len(latents)),), generator=gen)
         noise = torch.randn(latents[idx].shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen).long()
-        pred = unet(noise_scheduler.add_noise(latents[idx], noise, t), t, text[idx]).sample
+        cond = text[idx]
+        if caption_dropout > 0:
+            drop = torch.rand(len(idx), generator=gen) < float(caption_dropout)
+            cond = torch.where(drop[:, None, None], empty.expand_as(cond), cond)
+        pred = unet(noise_scheduler.add_noise(latents[idx], noise, t), t, cond).sample
         loss = torch.nn.functional.mse_loss(pred, noise)
         loss.backward()
         opt.step()

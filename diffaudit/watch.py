@@ -144,7 +144,7 @@ def watch(
     ``state_path``: a JSON file holding the monitor's state, loaded at start and rewritten after each
     evaluation, so a restarted watch does not evaluate a checkpoint twice."""
     from ._serial import atomic_write_text
-    from .checkpoints import load_scheduler
+    from .checkpoints import MissingBasePipelineError, load_scheduler
 
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -190,6 +190,8 @@ def watch(
             try:
                 model, run_sched = load_checkpoint_model(folder, ema=ema, scheduler=sched_obj, device=device,
                                                          base_pipeline=base_pipeline)
+            except MissingBasePipelineError:
+                raise  # permanent: retrying cannot help (the run root holds the pipeline only after training)
             except (OSError, ValueError, RuntimeError) as e:
                 failures.setdefault(step, []).append(f"{type(e).__name__}: {e}")
                 n = len(failures[step])

@@ -157,6 +157,8 @@ def test_memorizing_model_is_flagged_and_its_prompts_score_highest(sd, tmp_path)
     assert r.checkpoints[0].prompt_detection.positives == 0
     assert last.membership_auc > 0.7 > r.checkpoints[0].membership_auc
     assert "Memoriz" in r.verdict or "memoriz" in r.verdict
+    # two checkpoints cannot confirm an onset (patience 2), but the one seen copying is never the one to keep
+    assert r.onset.onset_step is None and r.onset.copying_step == 2 and r.onset.recommended_step == 1
 
 
 def test_prompt_score_ranks_memorized_above_unseen(sd):
@@ -271,3 +273,40 @@ def test_shipped_sd_config_audits_a_full_finetune(sd, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "o" / "audit.json").read_text())
     assert res["provenance"]["sampler"]["seeds_per_prompt"] == 4
+
+
+def test_watch_a_full_finetune_while_it_trains(sd, tmp_path):
+    """During training the run root holds no pipeline yet (train_text_to_image.py saves it at the end): without
+    --base-pipeline the watch stops at once with one line saying so (no retry loop); with it, it evaluates."""
+    import shutil
+
+    root = sd["root"]
+    live = tmp_path / "live"
+    live.mkdir()
+    shutil.copytree(root / "full" / "checkpoint-2", live / "checkpoint-2")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("digit 1\n")
+    common = ["--train", root / "train", "--prompts", prompts, "-n", 2, "--inference-steps", 2, "--interval", 0.1,
+              "--timeout", 0.5, "--settle", 0]
+    r = invoke("watch", live, *common, "-o", tmp_path / "w1")
+    lines = error_lines(r.output)
+    assert r.exit_code != 0 and any("--base-pipeline" in ln for ln in lines) and "Traceback" not in r.output, r.output
+    r = invoke("watch", live, *common, "--base-pipeline", root / "base", "-o", tmp_path / "w2")
+    assert r.exit_code == 0, r.output
+    assert [c["step"] for c in json.loads((tmp_path / "w2" / "audit.json").read_text())["checkpoints"]] == [2]
+
+
+def test_lone_checkpoint_and_a_folder_of_lora_files(sd, tmp_path):
+    import shutil
+
+    from diffaudit.checkpoints import discover_checkpoints
+
+    root = sd["root"]
+    lone = discover_checkpoints(root / "full" / "checkpoint-4")
+    assert [c.step for c in lone] == [4] and lone.base_pipeline == str(root / "full")
+    files = tmp_path / "loras"
+    files.mkdir()
+    for s in (2, 4):
+        shutil.copy(root / "lora" / f"checkpoint-{s}" / "my_style.safetensors", files / f"style-step{s}.safetensors")
+    run = discover_checkpoints(files, base_pipeline=root / "base")
+    assert [(c.step, c.kind) for c in run] == [(2, "lora"), (4, "lora")]

@@ -530,7 +530,8 @@ def _charts(result: AuditResult, cks: list[CheckpointResult], colors: dict[str, 
 
     window = None
     if on.tau_gen is not None and not on.window_empty:
-        window = (float(on.tau_gen), float(onset) if onset is not None else float(max(steps)) if steps else 0.0)
+        end = onset if onset is not None else getattr(on, "copying_step", None)
+        window = (float(on.tau_gen), float(end) if end is not None else float(max(steps)) if steps else 0.0)
 
     def add(key, title, subtitle, series, *, fmt, percent=False, hlines=()):
         series = [s for s in series if _has(s.points)]
@@ -849,6 +850,10 @@ def _context(result: AuditResult, thumbs: _Thumbs, *, title, max_gallery, galler
                    "fits": ("memorizes, no copies yet", f"fits its training images from step {fmt_step(on.fit_step)}"
                             if on.fit_step is not None else "fits its training images"),
                    "generalizes": ("generalizes", "no copies; membership and held-out comparison quiet")}
+    if on.level == "generalizes" and verdict.get("status") != "ok":
+        # nothing confirmed, but the last checkpoint shows copies or fit evidence: the card must not say "quiet"
+        level_words["generalizes"] = ("not confirmed", "signs at the last checkpoint, not yet over "
+                                      f"{int(on.patience)} consecutive checkpoints")
     cards = [
         ("Level", *level_words.get(on.level, ("—", "not assessed"))),
         ("Onset", f"step {fmt_step(on.onset_step)}" if on.onset_step is not None else "none",
