@@ -123,31 +123,43 @@ def _check_out_dir(path: Path) -> Path:
 @_guard
 def dedup(
     folder: Path = typer.Argument(..., help="Folder of training images (searched recursively)."),
-    embedder: str = typer.Option("pixel", "--embedder", "-e", help="pixel | tiled | clip:<arch> | sscd"),
+    embedder: Optional[List[str]] = typer.Option(None, "--embedder", "-e", help="pixel | tiled | clip:<arch> | sscd | sscd:distilled; repeatable: the union of the pairs each finds (e.g. -e pixel -e sscd: pixel for re-encodings, SSCD for crops). Default: pixel."),
     weights: Optional[Path] = typer.Option(None, help="Local weights file for clip/sscd embedders."),
-    threshold: Optional[float] = typer.Option(None, help="Duplicate threshold in the embedder's units."),
+    threshold: Optional[float] = typer.Option(None, help="Duplicate threshold in the embedder's units (one embedder only)."),
     out_dir: Path = typer.Option(Path("diffaudit-dedup"), "--out", "-o", help="Output folder."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache", help="Embedding cache folder."),
     backend: str = typer.Option("local", help="local | ray"),
     invariances: Optional[str] = typer.Option(
         None, "--invariances",
         help="pixel embedder: what to ignore, comma-separated: brightness, hflip (default both), or none."),
-    ratio: Optional[float] = typer.Option(
+    ratio: Optional[List[float]] = typer.Option(
         None, "--ratio",
         help="Ratio rule instead of a fixed threshold (e.g. 0.5): a duplicate stands out from the image's other "
-             "neighbours (d_j <= ratio x d_(j+1)); robust on photographs with look-alike regions."),
+             "neighbours (d_j <= ratio x d_(j+1)); robust on photographs with look-alike regions. One value, or "
+             "one per --embedder (photographs: -e pixel -e sscd --ratio 0.33 --ratio 0.5)."),
 ) -> None:
     """Find duplicated training images (pairs and clusters); writes HTML + JSON + CSV."""
     from . import curate
     from .data import ImageSet
     from .embedders import get_embedder
 
+    specs = list(embedder) if embedder else ["pixel"]
+    ratios = list(ratio) if ratio else [None]
+    if len(ratios) not in (1, len(specs)):
+        raise ValueError(f"--ratio: give one value or one per --embedder ({len(specs)}); got {len(ratios)}")
+    ratios = ratios * len(specs) if len(ratios) == 1 else ratios
+    if threshold is not None and len(specs) > 1:
+        raise ValueError("--threshold is in one embedder's units: use it with a single --embedder (or --ratio)")
     out_dir = _check_out_dir(out_dir)
+    wkw = {"weights": str(weights)} if weights else {}
+    embs = [get_embedder(e, **(wkw if e.split(":")[0] in ("clip", "sscd") else {})) for e in specs]
     images = ImageSet.from_folder(folder)
-    emb = get_embedder(embedder, **({"weights": str(weights)} if weights else {}))
     kw = {"backend": backend} if backend != "local" else {}
-    report = curate.find_duplicates(images, embedder=emb, threshold=threshold, cache_dir=cache_dir, progress=True,
-                                    invariances=invariances, ratio=ratio, **kw)
+    reports = [curate.find_duplicates(images, embedder=emb, threshold=threshold, cache_dir=cache_dir, progress=True,
+                                      invariances=invariances if emb.name.startswith("pixel") or len(embs) == 1
+                                      else None, ratio=r, **kw)
+               for emb, r in zip(embs, ratios)]
+    report = curate.combine_duplicates(reports)
     report.to_json(out_dir / "duplicates.json")
     report.to_csv(out_dir / "duplicates.csv")
     report.to_html(out_dir / "duplicates.html", images=images)

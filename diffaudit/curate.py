@@ -75,7 +75,7 @@ from .data import as_imageset
 from .results import DuplicatePair, DuplicateReport, Matches, ScoreSummary, Skipped
 
 __all__ = ["DuplicatePair", "DuplicateReport", "Matches", "ScoreSummary", "duplicate_pairs", "duplicate_threshold",
-           "find_duplicates", "match", "ratio_pairs"]
+           "find_duplicates", "match", "ratio_pairs", "combine_duplicates"]
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +252,50 @@ def find_duplicates(images, embedder: Any = "pixel", threshold: float | None = N
                              rule, int(k), source, list(inv))
     log.info("find_duplicates: %d images, %d pairs, %d clusters (%s)", n, len(pairs), len(clusters), rule)
     return _attach(report, _images=images)
+
+
+def combine_duplicates(reports: Sequence[DuplicateReport]) -> DuplicateReport:
+    """One report from several ``find_duplicates`` runs over the same images (e.g. pixel for re-encodings, SSCD for
+    crops): the union of their pairs, clusters recomputed as connected components. A pair keeps the score of the
+    first report that found it (scores of different embedders are in different units: ``transform`` names the
+    embedder and its score); ``threshold_rule`` joins the rules. The ImageSet of the first report is kept for
+    ``to_html``."""
+    from .index import duplicate_groups
+
+    reports = list(reports)
+    if not reports:
+        raise ValueError("reports: give at least one DuplicateReport")
+    if len(reports) == 1:
+        return reports[0]
+    n = reports[0].num_images
+    if any(r.num_images != n for r in reports):
+        raise ValueError(f"reports: made from different image sets ({[r.num_images for r in reports]} images)")
+    images = getattr(reports[0], "_images", None)
+    order: dict[str, int] = {}
+    if images is not None:
+        order = {i: k for k, i in enumerate(images.ids)}
+    found: dict[tuple[str, str], DuplicatePair] = {}
+    for r in reports:
+        for p in r.pairs:
+            key = (p.id_a, p.id_b) if p.id_a <= p.id_b else (p.id_b, p.id_a)
+            if key not in found:
+                unit = "L2" if r.metric == "l2" else "cosine"
+                tr = f"{r.embedder} {unit} {p.score:.4g}" + (f", {p.transform}" if p.transform else "")
+                found[key] = DuplicatePair(p.id_a, p.id_b, p.score, tr)
+    ids = sorted({i for k in found for i in k}, key=lambda i: (order.get(i, len(order)), i))
+    pos = {i: k for k, i in enumerate(ids)}
+    ab = np.asarray([(pos[a], pos[b]) for a, b in found], dtype=np.int64).reshape(-1, 2)
+    labels = duplicate_groups(len(ids), ab[:, 0], ab[:, 1]) if len(ids) else np.zeros(0, np.int64)
+    groups: dict[int, list[str]] = {}
+    for i in ids:
+        groups.setdefault(int(labels[pos[i]]), []).append(i)
+    clusters = sorted(groups.values(), key=lambda g: (-len(g), order.get(g[0], 0), g[0]))
+    skipped = list(reports[0].skipped)
+    rule = " | ".join(f"{r.embedder}: {r.threshold_rule}" for r in reports)
+    out = DuplicateReport(list(found.values()), clusters, None, "+".join(r.embedder for r in reports), "mixed", n,
+                          skipped, f"union of {len(reports)} rules: " + rule, reports[0].k, reports[0].source,
+                          sorted({x for r in reports for x in r.invariances}))
+    return _attach(out, _images=images)
 
 
 def _embedder_of(E, embedder):

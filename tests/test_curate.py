@@ -602,3 +602,51 @@ def test_ratio_rule_on_pixels_equals_brute_force(tmp_path, inv):
         assert all(frozenset((ids[5 + j], ids[65 + j])) in want for j in range(5))
     with pytest.raises(ValueError, match="ratio="):
         find_duplicates(images, ratio=1.5, cache_dir=str(tmp_path))
+
+
+def test_dedup_union_of_embedders(tmp_path):
+    """-e A -e B reports the union of what each finds alone; clusters are the connected components of that union
+    (checked by a union-find here); mixed units are named per pair."""
+    import json as _json
+
+    from _reltools import error_lines, invoke
+
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    base = rng.integers(0, 256, size=(30, 4, 4, 3), dtype=np.uint8)
+    imgs = [np.asarray(Image.fromarray(b).resize((32, 32), Image.BILINEAR)) for b in base]
+    imgs += [imgs[0][:, ::-1], np.clip(imgs[1].astype(int) + 9, 0, 255).astype(np.uint8), imgs[2], imgs[2]]
+    for i, im in enumerate(imgs):
+        Image.fromarray(im).save(folder / f"im{i:02d}.png")
+    singles = []
+    for spec, r in (("pixel", "0.5"), ("pixel:8", "0.4")):
+        out = tmp_path / spec.replace(":", "_")
+        res = invoke("dedup", folder, "-e", spec, "--ratio", r, "-o", out, "--cache", tmp_path / "c")
+        assert res.exit_code == 0, res.output
+        singles.append({frozenset((p["id_a"], p["id_b"])) for p in _json.loads((out / "duplicates.json").read_text())["pairs"]})
+    res = invoke("dedup", folder, "-e", "pixel", "-e", "pixel:8", "--ratio", "0.5", "--ratio", "0.4", "-o",
+                 tmp_path / "u", "--cache", tmp_path / "c")
+    assert res.exit_code == 0, res.output
+    doc = _json.loads((tmp_path / "u" / "duplicates.json").read_text())
+    got = {frozenset((p["id_a"], p["id_b"])) for p in doc["pairs"]}
+    assert got == singles[0] | singles[1] and got
+    parent: dict = {}
+
+    def find(a):
+        parent.setdefault(a, a)
+        while parent[a] != a:
+            a = parent[a]
+        return a
+
+    for a, b in (tuple(p) for p in got):
+        parent[find(a)] = find(b)
+    comps: dict = {}
+    for x in {x for p in got for x in p}:
+        comps.setdefault(find(x), set()).add(x)
+    assert sorted(map(sorted, comps.values())) == sorted(map(sorted, doc["clusters"]))
+    assert all(p["transform"].startswith(("pixel-32x32 L2", "pixel-8x8 L2")) for p in doc["pairs"])
+    assert "union of 2 rules" in doc["threshold_rule"]
+    bad = invoke("dedup", folder, "-e", "pixel", "-e", "pixel:8", "--ratio", "0.5", "--ratio", "0.4", "--ratio", "0.3",
+                 "-o", tmp_path / "bad")
+    assert bad.exit_code != 0 and len(error_lines(bad.output)) == 1 and "--ratio" in bad.output

@@ -55,14 +55,14 @@ def render_duplicates(report: DuplicateReport, images=None, *, path: str | os.Pa
            max_pairs=(max_pairs, 0))
     th = Figures(resolve_images(images, getattr(report, "_images", None), report.source, "images"), thumb)
     metric = report.metric
-    unit = "distance" if metric == "l2" else "cosine similarity"
+    unit = {"l2": "distance", "cosine": "cosine similarity"}.get(metric, "score (its unit: see 'compared')")
     pair_score = {frozenset((p.id_a, p.id_b)): p.score for p in report.pairs}
     clusters = []
     for members in report.clusters[:max_clusters]:
         scores = [pair_score[key] for key in (frozenset((a, b)) for i, a in enumerate(members)
                                               for b in members[i + 1:]) if key in pair_score]
         rng = ""
-        if scores:
+        if scores and metric in ("l2", "cosine"):  # a union of embedders mixes units: no range
             lo, hi = min(scores), max(scores)
             rng = f"{unit} {_fmt(lo, metric)}" + (f" – {_fmt(hi, metric)}" if hi != lo else "")
         clusters.append({"size": len(members), "range": rng, "more": len(members) - max_per_cluster,
