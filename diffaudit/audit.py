@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 import math
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -366,7 +366,7 @@ def audit(
             prompts = read_prompts(cfg.prompts, cfg.caption_column)
             if not prompts:
                 raise ValueError(f"prompts={cfg.prompts!r}: the file holds no prompt")
-    if cfg.resolution is not None and not getattr(run, "conditional", False):
+    if cfg.resolution is not None and prompts is None:
         raise ValueError("resolution: only text-to-image runs take a sampling resolution (an unconditional UNet "
                          "samples at its own config.sample_size)")
     sampler = CheckpointSampler(
@@ -386,7 +386,8 @@ def audit(
     copies: list[tuple[int, list[str]]] = []
     membership: dict[str, float] = {}
     loss = LossSettings(timesteps=tuple(cfg.loss_timesteps), noise_draws=cfg.loss_noise_draws,
-                        max_images=cfg.loss_max_images, seed=cfg.seed, batch_size=cfg.batch_size)
+                        max_images=cfg.loss_max_images, seed=cfg.seed, batch_size=cfg.batch_size,
+                        resolution=cfg.resolution)
     keep = out_path is not None and cfg.keep_samples
     prog = _progress(progress)
     with prog or nullcontext():

@@ -383,6 +383,7 @@ class LossSettings:
     max_images: int = 512
     seed: int = 0
     batch_size: int = 64
+    resolution: Optional[int] = None  # text-to-image: image size in pixels (default: the UNet's sample_size x VAE)
 
 
 def loss_subset(n: int, n_max: int, seed: int) -> np.ndarray:
@@ -444,6 +445,8 @@ def text_loss_pass(pipe, scheduler, ref: ReferenceSet, settings: LossSettings, d
     vsf = int(getattr(pipe, "vae_scale_factor", 8) or 8)
     s = getattr(unet.config, "sample_size", None)
     px = (int(s) * vsf) if isinstance(s, int) else (None if s is None else tuple(int(v) * vsf for v in s))
+    if settings.resolution is not None:  # fine-tuned at another --resolution: score at the size it samples
+        px = int(settings.resolution)
     params = next(iter(unet.parameters()), None)
     dev = torch.device(device) if device is not None else (params.device if params is not None else
                                                            torch.device(getattr(unet, "device", "cpu")))
