@@ -184,7 +184,7 @@ def _at_cache_precision(vecs: np.ndarray, store) -> np.ndarray:
     dt = np.dtype(getattr(store, "store_dtype", np.float32))
     if dt == np.float32 or _overflows(vecs, dt):
         return vecs
-    return vecs.astype(dt).astype(np.float32)
+    return vecs.astype(dt)  # the caller widens it (assignment into a float32 array): the same numbers
 
 
 def _overflows(vecs: np.ndarray, dt) -> bool:
@@ -215,14 +215,19 @@ def _fill(batches, out, done, store, keys, name, n, total, progress):
     """Write the ``(rows, vectors)`` batches of a backend into ``out`` / ``done``, and into the cache ``store``
     every :data:`CACHE_FLUSH_EVERY` images, at the end, and when interrupted (a killed run keeps its work)."""
     pend_rows: list[int] = []
+    pend_vecs: list[np.ndarray] = []  # the same vectors at the cache's precision, written as they are (no re-gather)
 
     def flush() -> None:
         if store is None or not pend_rows:
             return
         rows = np.asarray(pend_rows)
-        rows = rows[np.sort(np.unique([keys[i] for i in rows], return_index=True)[1])]  # identical images share a key
-        store.store(name, [keys[i] for i in rows], out[rows])
+        low = pend_vecs[0] if len(pend_vecs) == 1 else np.concatenate(
+            [v.astype(np.float32, copy=False) for v in pend_vecs] if len({v.dtype for v in pend_vecs}) > 1
+            else pend_vecs)
+        first = np.sort(np.unique([keys[i] for i in rows], return_index=True)[1])  # identical images share a key
+        store.store(name, [keys[i] for i in rows[first]], low[first] if len(first) < len(rows) else low)
         pend_rows.clear()
+        pend_vecs.clear()
 
     bar = None
     if progress:
@@ -240,7 +245,8 @@ def _fill(batches, out, done, store, keys, name, n, total, progress):
         n_seen = 0
         for rows, vecs in batches:
             if store is not None:
-                vecs = _at_cache_precision(vecs, store)
+                vecs = _at_cache_precision(vecs, store)  # float16 by default: assigned into `out` as float32
+                pend_vecs.append(vecs)
             if out is None:
                 out = np.zeros((n, vecs.shape[1]), np.float32)
             elif out.shape[1] != vecs.shape[1]:
