@@ -29,6 +29,9 @@ Tools (default settings unless a name says otherwise):
   recall). imagededup's CNN method needs pretrained weights downloaded at run time (no network here): not run.
 * ``cleanvision``: ``Imagelab(data_path=dir).find_issues({"exact_duplicates": {}, "near_duplicates": {}})``, the union
   of both sets (phash of size 8, equal hashes).
+* ``immaculate-{pdq,phash,sscd,sscd_distilled}``: ``immaculate.find_duplicates(dir, method)`` (Rust core; every pair
+  inside its exact and near sets). Immaculate needs Python >= 3.12, so these run under ``$IMMACULATE_PYTHON``
+  (e.g. ``PYENV_VERSION=3.12.1 python3 -m venv /tmp/v312 && /tmp/v312/bin/pip install "immaculate[sscd]" numpy``).
 
 Writes ``peers.json`` and ``peers.md`` to ``--out`` and prints the table.
 """
@@ -49,7 +52,8 @@ KINDS = ("exact", "resized", "jpeg30", "crop5", "bright10", "hflip")
 SIDE = 64
 DEFAULT_TOOLS = ("diffaudit-pixel", "diffaudit-pixel-raw", "diffaudit-tiled", "imagededup-phash", "imagededup-dhash",
                  "imagededup-whash", "imagededup-ahash", "cleanvision", "imagededup-phash@4", "imagededup-phash@2",
-                 "imagededup-phash@0")
+                 "imagededup-phash@0", "immaculate-pdq", "immaculate-phash", "immaculate-sscd",
+                 "immaculate-sscd_distilled")
 
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -171,6 +175,18 @@ def run_tool(tool: str, data: Path, work: Path) -> dict:
         pairs = sorted({tuple(sorted((a, b))) for a, bs in dups.items() for b in bs})
         pairs = [list(p) for p in pairs]
         note = f"max_distance_threshold={dist}" if dist else "max_distance_threshold=10 (default)"
+    elif tool.startswith("immaculate-"):
+        import immaculate
+        from itertools import combinations
+
+        method = tool.split("-", 1)[1]
+        t0 = time.perf_counter()
+        d = immaculate.find_duplicates(data, method)
+        dt = time.perf_counter() - t0
+        groups = [[p.name for p in g] for g in list(d.exact) + list(d.near)]
+        pairs = sorted({tuple(sorted((a, b))) for g in groups for a, b in combinations(g, 2)})
+        pairs = [list(p) for p in pairs]
+        note = f"immaculate {immaculate.__version__} {method}, default thresholds (exact + near sets)"
     elif tool == "cleanvision":
         from cleanvision import Imagelab
 
@@ -231,7 +247,13 @@ def run_in_subprocess(tool: str, data: Path, work: Path) -> dict:
     if out.exists():
         out.unlink()
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, "--child", tool, "--data", str(data), "--work", str(work)],
+    py = sys.executable
+    if tool.startswith("immaculate-"):  # Immaculate needs Python >= 3.12: its own interpreter
+        py = os.environ.get("IMMACULATE_PYTHON", "")
+        if not py or not Path(py).exists():
+            return {"tool": tool, "error": "not installed (set IMMACULATE_PYTHON to a Python >= 3.12 with "
+                                           "`pip install \"immaculate[sscd]\"`)"}
+    proc = subprocess.Popen([py, __file__, "--child", tool, "--data", str(data), "--work", str(work)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     _, status, ru = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
