@@ -8,6 +8,7 @@ writes one line per task when it starts, when it completes, on each step of shor
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from typing import Any, Optional
@@ -28,6 +29,22 @@ def progress(*columns: Any, transient: bool = False, stream=None):
 
         return Progress(*columns, transient=transient, console=Console(file=stream))
     return LineProgress(stream)
+
+
+@contextlib.contextmanager
+def task_bar(enabled: bool, label: str, total: int):
+    """One transient task of a library loop that is quiet unless asked: yields ``advance(n)`` (a no-op when not
+    ``enabled``); the bar is stopped however the loop ends."""
+    if not enabled:
+        yield lambda n=1: None
+        return
+    bar = progress(transient=True)
+    bar.start()
+    task = bar.add_task(label, total=total)
+    try:
+        yield lambda n=1: bar.update(task, advance=n)
+    finally:
+        bar.stop()
 
 
 class _Task:

@@ -344,14 +344,9 @@ def loo_scores(
     ids: Optional[list[str]] = None
     cols: list[np.ndarray] = []
     run_rows: list[LooRun] = []
-    prog = None
-    if progress:
-        from ._progress import progress
+    from ._progress import task_bar
 
-        prog = progress(transient=True)
-        prog.start()
-        task = prog.add_task("leave-one-out losses", total=len(pairs))
-    try:
+    with task_bar(progress, "leave-one-out losses", len(pairs)) as advance:
         for key, obj in pairs:
             refs, sched, desc = resolve_models(obj, scheduler=scheduler, checkpoint=checkpoint, device=device,
                                                name=f"runs[{key!r}]")
@@ -369,11 +364,7 @@ def loo_scores(
             cols.append(image_losses(model, sched, r_ids, x, seed=int(seed), **kw))
             run_rows.append(LooRun(name=key, model=desc, checkpoint=str(ref.path), step=int(ref.step), n_seen=0))
             del model
-            if prog is not None:
-                prog.advance(task)
-    finally:
-        if prog is not None:
-            prog.stop()
+            advance(1)
     assert ids is not None
     L = np.stack(cols, axis=1)  # (n, K)
     pos = {i: n for n, i in enumerate(ids)}

@@ -65,46 +65,33 @@ def prompt_scores(pipe, prompts: Sequence[str], *, generations: int = DEFAULT_GE
     params = next(iter(unet.parameters()), None)
     dev = torch.device(device) if device is not None else (params.device if params is not None else torch.device("cpu"))
     dtype = params.dtype if params is not None else torch.float32
-    sched_cls = type(pipe.scheduler)
     from diffusers import DDIMScheduler
 
-    sched = DDIMScheduler.from_config(pipe.scheduler.config) if sched_cls.__name__ != "DDIMScheduler" else \
-        sched_cls.from_config(pipe.scheduler.config)
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)  # the audit's sampler, on the run's noise schedule
     g_n = int(generations)
     out = np.zeros((len(prompts), g_n), dtype=np.float64)
     rows = [(i, g) for i in range(len(prompts)) for g in range(g_n)]
-    bar = None
-    if progress:
-        from ._progress import progress as make_progress
+    from ._progress import task_bar
 
-        bar = make_progress(transient=True)
-        bar.start()
-        task = bar.add_task("prompt scores", total=len(rows))
-    try:
-        with torch.inference_mode():
-            for s0 in range(0, len(rows), int(batch_size)):
-                chunk = rows[s0:s0 + int(batch_size)]
-                idx = [i * g_n + g for i, g in chunk]
-                cond, uncond = pipe.encode_prompt([prompts[i] for i, _ in chunk], dev, 1, True)
-                emb = torch.cat([uncond, cond])
-                x = initial_noise(seed, idx, (c, lh, lw), generators=sample_generators(seed, idx)).to(dev, dtype)
-                sched.set_timesteps(int(num_inference_steps), device=dev)
-                x = x * sched.init_noise_sigma
-                acc = torch.zeros(len(chunk), dtype=torch.float64)
-                for t in sched.timesteps[:int(steps)]:
-                    xin = sched.scale_model_input(torch.cat([x, x]), t)
-                    pred = unet(xin, t, encoder_hidden_states=emb, return_dict=False)[0]
-                    e_u, e_c = pred.chunk(2)
-                    diff = (e_c - e_u).float()
-                    acc += diff.flatten(1).norm(dim=1).double().cpu()
-                    x = sched.step(e_u + float(guidance_scale) * (e_c - e_u), t, x).prev_sample
-                for j, (i, g) in enumerate(chunk):
-                    out[i, g] = float(acc[j]) / int(steps)
-                if bar is not None:
-                    bar.update(task, advance=len(chunk))
-    finally:
-        if bar is not None:
-            bar.stop()
+    with task_bar(progress, "prompt scores", len(rows)) as advance, torch.inference_mode():
+        for s0 in range(0, len(rows), int(batch_size)):
+            chunk = rows[s0:s0 + int(batch_size)]
+            idx = [i * g_n + g for i, g in chunk]
+            cond, uncond = pipe.encode_prompt([prompts[i] for i, _ in chunk], dev, 1, True)
+            emb = torch.cat([uncond, cond])
+            x = initial_noise(seed, idx, (c, lh, lw), generators=sample_generators(seed, idx)).to(dev, dtype)
+            sched.set_timesteps(int(num_inference_steps), device=dev)
+            x = x * sched.init_noise_sigma
+            acc = torch.zeros(len(chunk), dtype=torch.float64)
+            for t in sched.timesteps[:int(steps)]:
+                xin = sched.scale_model_input(torch.cat([x, x]), t)
+                pred = unet(xin, t, encoder_hidden_states=emb, return_dict=False)[0]
+                e_u, e_c = pred.chunk(2)
+                acc += (e_c - e_u).float().flatten(1).norm(dim=1).double().cpu()
+                x = sched.step(e_u + float(guidance_scale) * (e_c - e_u), t, x).prev_sample
+            for j, (i, g) in enumerate(chunk):
+                out[i, g] = float(acc[j]) / int(steps)
+            advance(len(chunk))
     if not np.isfinite(out).all():
         raise FloatingPointError(f"{int((~np.isfinite(out)).sum())} prompt scores are NaN/inf (model output NaN?)")
     return out
