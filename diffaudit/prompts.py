@@ -58,6 +58,8 @@ def prompt_scores(pipe, prompts: Sequence[str], *, generations: int = DEFAULT_GE
     c = int(cfg.in_channels)
     vsf = int(getattr(pipe, "vae_scale_factor", 8) or 8)
     if resolution is not None:
+        if isinstance(resolution, bool) or int(resolution) != resolution or int(resolution) < vsf:
+            raise ValueError(f"resolution={resolution!r}: expected an image size in pixels >= {vsf} (the VAE factor)")
         lh = lw = int(resolution) // vsf
     else:
         s = cfg.sample_size
