@@ -189,3 +189,17 @@ def test_without_heldout_the_fit_level_is_not_measured():
     info = _info(cks)
     assert info.level == "generalizes"
     assert "Without a held-out set" in verdict(cks, info).text
+
+
+def test_a_checkpoint_seen_copying_is_never_recommended_even_unconfirmed():
+    """Copies at the last checkpoint only (not yet `patience` checkpoints): no onset, but the stop window ends there,
+    the recommendation is an earlier checkpoint, and the verdict says why."""
+    from diffaudit.onset import verdict
+
+    cks = [_ck(100, 0.0, 0.0), _ck(200, 0.0, 0.0), _ck(300, 0.5, 0.5)]
+    info = _info(cks)
+    assert info.onset_step is None and info.copying_step == 300
+    assert info.recommended_step in (100, 200)
+    assert "first checkpoint with copies (step 300" in verdict(cks, info).text
+    clean = _info(cks[:2])
+    assert clean.copying_step is None and clean.recommended_step == 200

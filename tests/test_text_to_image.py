@@ -142,7 +142,7 @@ def test_memorizing_model_is_flagged_and_its_prompts_score_highest(sd, tmp_path)
     imgs, caps, base = sd["imgs"], sd["caps"], sd["base"]
     memorized = caps[:N_TRAIN // 2]
     mem = memorizing_sd_pipeline(base, imgs[:N_TRAIN], caps[:N_TRAIN], memorize=memorized)
-    r = audit([(1, base), (2, mem)], train=str(sd["root"] / "train"), heldout=str(sd["root"] / "heldout"),
+    r = audit([(1, base), (2, mem), (3, mem)], train=str(sd["root"] / "train"), heldout=str(sd["root"] / "heldout"),
               prompts=caps[:N_TRAIN], num_samples=N_TRAIN, num_inference_steps=10, out_dir=tmp_path / "out")
     last = r.checkpoints[-1]
     copied = {p.prompt for p in last.prompts if p.copies}
@@ -157,8 +157,9 @@ def test_memorizing_model_is_flagged_and_its_prompts_score_highest(sd, tmp_path)
     assert r.checkpoints[0].prompt_detection.positives == 0
     assert last.membership_auc > 0.7 > r.checkpoints[0].membership_auc
     assert "Memoriz" in r.verdict or "memoriz" in r.verdict
-    # two checkpoints cannot confirm an onset (patience 2), but the one seen copying is never the one to keep
-    assert r.onset.onset_step is None and r.onset.copying_step == 2 and r.onset.recommended_step == 1
+    # copy -> onset on Stable Diffusion: confirmed at the first copying checkpoint (patience 2); keep the base
+    assert r.onset.onset_step == 2 and r.onset.copying_step == 2 and r.onset.recommended_step == 1
+    assert r.verdict.startswith("Memorization starts at step 2")
 
 
 def test_prompt_score_ranks_memorized_above_unseen(sd):
