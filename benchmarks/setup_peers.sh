@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/setup_peers.sh [VENV]      # default VENV: /work/peers-venv (or $PEERS_VENV)
 #
-# then:  VENV/bin/python benchmarks/bench_peers.py
+# then:  IMMACULATE_PYTHON=VENV-py312/bin/python VENV/bin/python benchmarks/bench_peers.py
 #
 # torch/torchvision are pinned to the versions diffaudit's own venv uses, installed first so that the peers'
 # requirements do not pull another torch. A peer that fails to install is reported and skipped: bench_peers.py
@@ -45,3 +45,26 @@ for name in ("diffaudit", "imagededup", "cleanvision"):
     except Exception as e:  # report, do not fail: the benchmark skips a missing peer
         print(f"{name}: NOT importable ({type(e).__name__}: {e})")
 EOF
+
+# Immaculate needs Python >= 3.12: its own venv ($IMMACULATE_VENV, default VENV-py312), used by bench_peers.py through
+# IMMACULATE_PYTHON and by peers_photos.py directly. Skipped (reported) when no Python 3.12 is found.
+IVENV="${IMMACULATE_VENV:-${VENV}-py312}"
+PY312=""
+for cand in python3.12 "$(PYENV_VERSION=3.12.1 pyenv which python3 2>/dev/null)"; do
+  if [ -n "$cand" ] && command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
+    PY312="$cand"; break
+  fi
+done
+if [ -z "$PY312" ] && PYENV_VERSION=3.12.1 python3 -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
+  PY312="env PYENV_VERSION=3.12.1 python3"
+fi
+if [ -z "$PY312" ]; then
+  echo "immaculate: skipped (no Python >= 3.12 found)" | tee -a "$LOG"
+else
+  [ -x "$IVENV/bin/python" ] || $PY312 -m venv "$IVENV"
+  if "$IVENV/bin/python" -m pip install "immaculate[sscd]" numpy >>"$LOG" 2>&1; then
+    echo "immaculate: installed in $IVENV  (run: IMMACULATE_PYTHON=$IVENV/bin/python $PY benchmarks/bench_peers.py)" | tee -a "$LOG"
+  else
+    echo "immaculate: FAILED to install (see $LOG)" | tee -a "$LOG"
+  fi
+fi
