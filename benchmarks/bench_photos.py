@@ -53,6 +53,19 @@ def patches(side: int) -> list[np.ndarray]:
     return out
 
 
+def identical_groups(folder: Path) -> list[list[str]]:
+    """Groups (of 2 or more) of files in ``folder`` whose decoded pixels are equal."""
+    import hashlib
+
+    from PIL import Image
+
+    by: dict[str, list[str]] = {}
+    for f in sorted(folder.iterdir()):
+        a = np.asarray(Image.open(f).convert("RGB"))
+        by.setdefault(hashlib.sha256(a.tobytes() + str(a.shape).encode()).hexdigest(), []).append(f.name)
+    return [g for g in by.values() if len(g) > 1]
+
+
 def build(folder: Path, side: int, per_kind: int, seed: int = 0):
     from PIL import Image
 
@@ -112,9 +125,11 @@ def main() -> None:
         if args.keep and folder.exists():
             raise SystemExit(f"--keep {args.keep}: {folder} exists already; give an empty folder")
         n, truth, blank = build(folder, args.patch, args.per_kind)
+        identical = identical_groups(folder)
         if args.keep:
             (Path(args.keep) / "truth.json").write_text(json.dumps(
-                {"pairs": [sorted(k) + [v] for k, v in truth.items()], "blank": sorted(blank)}))
+                {"pairs": [sorted(k) + [v] for k, v in truth.items()], "blank": sorted(blank),
+                 "identical": identical}))
         images = ImageSet.from_folder(str(folder))
         print(f"{n} patches of {args.patch} px from {len(PHOTOS)} photographs, {len(truth)} planted copies "
               f"({args.per_kind} per kind), {len(images)} files")
@@ -138,16 +153,18 @@ def main() -> None:
             pairs = [(p.id_a, p.id_b) for p in rep.pairs]
             found[label] = pairs
             rows[label] = {"embed_s": round(t_embed, 2), "find_s": round(t_find, 2), "rule": rep.threshold_rule,
-                           **score(pairs, truth, blank)}
+                           **score(pairs, truth, blank, identical)}
         if "sscd" in found:
             for a, b in (("pixel", "sscd"), ("pixel-r0.33", "sscd-r0.5")):
-                rows[f"{a}+{b}"] = {**score(found[a] + found[b], truth, blank),
+                rows[f"{a}+{b}"] = {**score(found[a] + found[b], truth, blank, identical),
                                     "find_s": round(rows[a]["find_s"] + rows[b]["find_s"], 2)}
-    head = (f"{'config':<22} {'pairs':>6} {'prec':>6} {'prec*':>6} {'recall':>6} " + " ".join(f"{k:>6}" for k in KINDS)
-            + "   (prec*: pairs of two blank patches left out)")
+    head = (f"{'config':<22} {'pairs':>6} {'prec':>6} {'prec*':>6} {'recall':>6} {'prec=':>6} {'rec=':>6} "
+            + " ".join(f"{k:>6}" for k in KINDS) + "   (prec*: pairs of two blank patches left out; prec= / rec=: "
+            "pixel-identical files count as duplicates too)")
     print(head)
     for label, r in rows.items():
         print(f"{label:<22} {r['pairs']:>6} {str(r['precision']):>6} {str(r['precision_nonblank']):>6} {r['recall']:>6} "
+              f"{str(r.get('precision_identical', '-')):>6} {str(r.get('recall_identical', '-')):>6} "
               + " ".join(f"{r['recall_' + k]:>6}" for k in KINDS)
               + (f"  embed {r['embed_s']} s" if "embed_s" in r else "") + f"  find {r['find_s']} s")
     for label, r in rows.items():
