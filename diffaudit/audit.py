@@ -463,6 +463,7 @@ def _score_prompts(ev, pipe, prompts: Sequence[str], cfg: AuditConfig) -> None:
     and how well the score predicts them."""
     from .prompts import prompt_detection, prompt_scores, prompt_table
 
+    prompts = list(dict.fromkeys(prompts))  # a caption repeated in the metadata is scored once
     scores = None
     if cfg.prompt_score_generations > 0 and hasattr(pipe, "encode_prompt") and hasattr(pipe, "unet"):
         scores = prompt_scores(pipe, prompts, generations=cfg.prompt_score_generations, steps=cfg.prompt_score_steps,

@@ -196,8 +196,9 @@ def match_cmd(
     out.print(f"{len(m.query_ids)} queries matched against {len(ref)} images -> {out_dir / 'matches.html'}")
 
 
-_PROMPTS_HELP = ("Prompts: a file (.txt one per line, .jsonl, .json, .csv), a captioned image folder (metadata.jsonl) or "
-                 "a saved Hugging Face dataset (text-to-image runs; default: the --train folder's captions).")
+_PROMPT_SOURCES = ("Prompts: a file (.txt one per line, .jsonl, .json, .csv), a captioned image folder (metadata.jsonl) "
+                   "or a saved Hugging Face dataset")
+_PROMPTS_HELP = _PROMPT_SOURCES + " (text-to-image runs; default: the --train folder's captions)."
 
 
 @app.command("audit")
@@ -281,7 +282,7 @@ def audit_cmd(
 @_guard
 def prompts_cmd(
     run: Path = typer.Argument(..., help="Text-to-image run folder (checkpoint-N/...), pipeline folder or LoRA file."),
-    prompts: Path = typer.Option(..., "--prompts", help=_PROMPTS_HELP.replace(" (text-to-image runs; default: the --train folder's captions)", "")),
+    prompts: Path = typer.Option(..., "--prompts", help=_PROMPT_SOURCES + "."),
     caption_column: Optional[str] = typer.Option(None, "--caption-column", help="Caption column of --prompts."),
     base_pipeline: Optional[Path] = typer.Option(None, "--base-pipeline", help="Local base pipeline folder (LoRA runs)."),
     ema: str = typer.Option("prefer", help="prefer | only | never (use unet_ema/ weights)."),
@@ -297,11 +298,9 @@ def prompts_cmd(
     out_dir: Path = typer.Option(Path("diffaudit-prompts"), "--out", "-o", help="Where prompts.json / prompts.csv go."),
 ) -> None:
     """Rank prompts by Wen et al.'s memorization score at each checkpoint (no training images needed)."""
-    import csv
-    import io
     import json
 
-    from ._serial import atomic_write_text
+    from ._serial import atomic_write_text, write_csv
     from .audit import torch_dtype
     from .prompts import rank_prompts
     from .sampling import read_prompts
@@ -322,13 +321,9 @@ def prompts_cmd(
                         "guidance_scale": guidance_scale, "seed": seed, "resolution": resolution, "run": str(run)},
            "checkpoints": [{**r, "prompts": [p.to_dict() for p in r["prompts"]]} for r in rows]}
     atomic_write_text(out_dir / "prompts.json", json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["step", "final", "rank", "score", "prompt"])
-    for r in rows:
-        for k, p in enumerate(r["prompts"]):
-            w.writerow([r["step"], r["final"], k + 1, f"{p.score:.6g}", p.prompt])
-    atomic_write_text(out_dir / "prompts.csv", buf.getvalue())
+    write_csv(out_dir / "prompts.csv", ["step", "final", "rank", "score", "prompt"],
+              [[r["step"], r["final"], k + 1, float(f"{p.score:.6g}"), p.prompt]
+               for r in rows for k, p in enumerate(r["prompts"])])
     from rich.table import Table
 
     for r in rows:
@@ -429,12 +424,12 @@ def watch_cmd(
             raise ValueError(f"--weights expects NAME=PATH (e.g. sscd=sscd.pt); got {item!r}")
         name, path = item.split("=", 1)
         wmap[name.strip()] = path.strip()
+    from .sampling import caption_metadata, read_prompts
+
     prompt_list = None
-    if prompts is None and any((train / n).is_file() for n in ("metadata.jsonl", "metadata.csv")):
+    if prompts is None and caption_metadata(train) is not None:
         prompts = train  # the training captions, as the audit does
     if prompts is not None:
-        from .sampling import read_prompts
-
         prompt_list = read_prompts(prompts, caption_column)
     if base_pipeline is not None and not (base_pipeline / "model_index.json").is_file():
         raise ValueError(f"--base-pipeline {str(base_pipeline)!r}: not a local pipeline folder (no model_index.json)")

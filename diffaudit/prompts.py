@@ -149,7 +149,7 @@ def rank_prompts(run, prompts: Sequence[str], *, base_pipeline=None, ema: str = 
     score."""
     from .checkpoints import CheckpointRun, discover_checkpoints
 
-    prompts = [str(p) for p in prompts]
+    prompts = list(dict.fromkeys(str(p) for p in prompts))  # each distinct prompt once, first-seen order (as the audit)
     if not prompts or not all(p.strip() for p in prompts):
         raise ValueError("prompts: give at least one non-empty prompt")
     if not isinstance(run, CheckpointRun):

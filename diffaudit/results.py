@@ -306,9 +306,10 @@ def write_risk_csv(images, path: str | os.PathLike) -> str:
             raise TypeError(f"images: expected ImageRisk rows, got {type(r).__name__}")
     rows.sort(key=ImageRisk.sort_key)
     write_csv(path, ["id", "copies", "first_step_copied", "duplicates", "outlier_score", "label", "membership_score",
-                     "loo_score", "copies_by_step"],
+                     "loo_score", "copies_by_step", "caption"],
               [[r.id, r.copies, r.first_step_copied, r.duplicates, r.outlier_score, r.label, r.membership_score,
-                r.loo_score, " ".join(f"{k}:{v}" for k, v in r.copies_by_step.items())] for r in rows])
+                r.loo_score, " ".join(f"{k}:{v}" for k, v in r.copies_by_step.items()), r.caption or ""]
+               for r in rows])
     return str(path)
 
 

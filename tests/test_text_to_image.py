@@ -94,6 +94,11 @@ def test_full_finetune_audits_without_base_pipeline_and_quietly(sd, tmp_path):
     assert match["prompt"] in sd["caps"][:N_TRAIN]
     html = (out / "report.html").read_text()
     assert match["prompt"] in html
+    import csv
+
+    with open(out / "images.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["id"]: r["caption"] for r in rows} == dict(zip((f"{i:04d}.png" for i in range(N_TRAIN)), sd["caps"]))
 
 
 def test_lora_run_with_a_custom_file_name_matches_diffusers(sd, tmp_path):

@@ -221,9 +221,7 @@ def _fill(batches, out, done, store, keys, name, n, total, progress):
         if store is None or not pend_rows:
             return
         rows = np.asarray(pend_rows)
-        low = pend_vecs[0] if len(pend_vecs) == 1 else np.concatenate(
-            [v.astype(np.float32, copy=False) for v in pend_vecs] if len({v.dtype for v in pend_vecs}) > 1
-            else pend_vecs)
+        low = np.concatenate(pend_vecs)  # a float32 batch (too large for float16) promotes the whole shard
         first = np.sort(np.unique([keys[i] for i in rows], return_index=True)[1])  # identical images share a key
         store.store(name, [keys[i] for i in rows[first]], low[first] if len(first) < len(rows) else low)
         pend_rows.clear()
