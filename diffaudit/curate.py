@@ -54,6 +54,20 @@ distances (``d_j <= ratio * d_(j+1)``) and within a loose cap (pixel: PSNR >= 20
 regions) are all about as close as the next and give no pair. Measured on photographs with six kinds of planted
 copies in ``benchmarks/bench_photos.py``.
 
+Verified rule (``verify=True`` or a correlation in (0, 1]; the configuration for photographs, with SSCD): the
+embedder only proposes candidates -- each image's ``VERIFY_NEIGHBOURS`` nearest other images, and further neighbours
+in order for as long as they verify (so clusters of copies are listed whole) -- and a candidate is a duplicate when
+the two images' pixels agree once aligned: :func:`diffaudit.metrics.alignment.aligned_similarities` (band-passed
+normalized cross-correlation, searched over crops of 50-100%, rescaling and a mirror) >= ``ALIGN_THRESHOLD`` (0.96).
+A descriptor says that two images look alike, which distinct patches of one texture or one smooth region do too; the
+alignment asks whether one is the other after a crop, resize, brightness change or mirror. Lossy re-encodings lower
+the correlation of some (JPEG at quality 30 of a small patch: 0.55-0.99) and a crop resized back to full size scores
+0.94-0.96 (resampled twice): both are under the cut. The measured configuration for photographs is the union of
+the verified rule on two embedders' candidates, pixel (re-encodings, brightness, mirrors) and SSCD (crops)
+(``diffaudit dedup --preset photos``, i.e. ``-e pixel -e sscd --rule verify``); figures in
+``benchmarks/bench_photos.py`` and the README. Byte-identical files and images with equal pixels are
+always duplicates. Flat images (no detail left after the band-pass) are never verified.
+
 Search (pixel embedder): coarse to fine, exact. Candidates come from vectors average-pooled to about
 ``COARSE_SIDE`` pixels on a side (p x p blocks); pooling shrinks every L2 distance at least p-fold
 (Cauchy-Schwarz: each pooled difference is the mean of p*p differences), so all pairs within ``t`` at full
@@ -75,7 +89,7 @@ from .data import as_imageset
 from .results import DuplicatePair, DuplicateReport, Matches, ScoreSummary, Skipped
 
 __all__ = ["DuplicatePair", "DuplicateReport", "Matches", "ScoreSummary", "duplicate_pairs", "duplicate_threshold",
-           "find_duplicates", "match", "ratio_pairs", "combine_duplicates"]
+           "find_duplicates", "match", "ratio_pairs", "verified_pairs", "combine_duplicates"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +106,8 @@ PIXEL_INVARIANCES = ("brightness", "hflip")
 #: structure guard of the default pixel rule: a pair's distance must also be at most this fraction of each image's
 #: own contrast (its distance to its own mean grey level), so smooth look-alikes are not duplicates of each other
 STRUCTURE_RATIO = 1.0 / 3.0
+#: candidates each image always has verified (``verify=``); further neighbours are tried while they verify
+VERIFY_NEIGHBOURS = 3
 #: the coarse search of pixel duplicates runs on vectors average-pooled to about this many pixels on a side
 COARSE_SIDE = 8
 
@@ -176,7 +192,8 @@ def _duplicate_threshold(emb, metric: str, dim: int, S: np.ndarray) -> tuple[flo
 # ---------------------------------------------------------------------------------------------------- API
 def find_duplicates(images, embedder: Any = "pixel", threshold: float | None = None, *, k: int = 10,
                     cache_dir=None, progress: bool = False, backend: str = "local",
-                    invariances: Sequence[str] | None = None, ratio: float | None = None) -> DuplicateReport:
+                    invariances: Sequence[str] | None = None, ratio: float | None = None,
+                    verify: bool | float | None = None) -> DuplicateReport:
     """Duplicate pairs and clusters in an image set.
 
     Args:
@@ -197,6 +214,8 @@ def find_duplicates(images, embedder: Any = "pixel", threshold: float | None = N
             duplicate of a when b comes before the first gap in a's neighbour distances (``d_j <= ratio *
             d_{j+1}``) and within a loose cap (``threshold`` when given). Robust to sets of look-alike images
             (textures, smooth regions of photographs), where no fixed threshold separates copies from neighbours.
+        verify: the verified rule (module docstring) instead of a threshold: ``True`` (aligned correlation >=
+            ``ALIGN_THRESHOLD``, 0.96) or a correlation in (0, 1]. Needs the images (not precomputed Embeddings).
     """
     from .embedders import get_embedder
     from .index import duplicate_groups
@@ -208,7 +227,14 @@ def find_duplicates(images, embedder: Any = "pixel", threshold: float | None = N
     if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
                               or not 0.0 < float(ratio) < 1.0):
         raise ValueError(f"ratio={ratio!r} must be a number in (0, 1) (e.g. 0.5), or None for a fixed threshold")
+    if ratio is not None and verify not in (None, False):
+        raise ValueError("ratio= and verify= are two different rules; give one (combine reports with "
+                         "combine_duplicates)")
+    min_ncc = _check_verify(verify)
     pre = images if isinstance(images, Embeddings) else None
+    if pre is not None and min_ncc is not None:
+        raise ValueError("verify= compares the images' pixels: pass the images (an ImageSet or folder), not "
+                         "precomputed Embeddings")
     images = None if pre is not None else as_imageset(images, "images")
     emb = _embedder_of(pre, embedder) if pre is not None else get_embedder(embedder)
     inv = _check_invariances(invariances, _is_pixel(emb), emb)
@@ -226,11 +252,15 @@ def find_duplicates(images, embedder: Any = "pixel", threshold: float | None = N
         return _attach(DuplicateReport([], [], None if threshold is None else float(threshold), E.embedder, metric,
                                        n, skipped, "fewer than two images", int(k), source, list(inv)),
                        _images=images)
-    with _status(progress, f"searching {n:,} images for duplicates"):
-        if ratio is not None:
-            pair_scores, t, rule = ratio_pairs(E, emb, ratio, k=int(k), cap=threshold, invariances=inv)
-        else:
-            pair_scores, t, rule = duplicate_pairs(E, emb, k=int(k), threshold=threshold, invariances=inv)
+    if min_ncc is not None:  # a progress bar of its own (the longest part)
+        pair_scores, t, rule = verified_pairs(E, emb, images, min_ncc, k=int(k), cap=threshold, invariances=inv,
+                                              same_file=same_file, progress=progress)
+    else:
+        with _status(progress, f"searching {n:,} images for duplicates"):
+            if ratio is not None:
+                pair_scores, t, rule = ratio_pairs(E, emb, ratio, k=int(k), cap=threshold, invariances=inv)
+            else:
+                pair_scores, t, rule = duplicate_pairs(E, emb, k=int(k), threshold=threshold, invariances=inv)
     if same_file:  # byte-identical files: embedded once, and named as such
         n_same = 0
         for (a, b), (score, _) in list(pair_scores.items()):
@@ -359,6 +389,132 @@ def _embed_distinct_files(images, emb, embed, cache_dir, progress):
             skipped.append(Skipped(ids[i], reason if i == first[key] else f"{reason} (same bytes as {rep})"))
     vectors = np.asarray(R.vectors)[np.asarray(rows, dtype=np.int64)] if rows else np.zeros((0, R.dim), np.float32)
     return Embeddings(out_ids, vectors, R.embedder, R.metric, skipped), out_keys
+
+
+def _check_verify(verify) -> float | None:
+    """verify= -> the correlation cut (None: no verification)."""
+    from .metrics.alignment import ALIGN_THRESHOLD
+
+    if verify is None or verify is False:
+        return None
+    if verify is True:
+        return ALIGN_THRESHOLD
+    if isinstance(verify, (int, float)) and not isinstance(verify, bool) and 0.0 < float(verify) <= 1.0:
+        return float(verify)
+    raise ValueError(f"verify={verify!r}: give True (aligned correlation >= {ALIGN_THRESHOLD:g}) or a correlation "
+                     "in (0, 1]")
+
+
+def _neighbour_lists(E, emb, kk: int, inv: tuple[str, ...]):
+    """Each row's kk nearest other rows in the embedder's space, nearest first: (D distances (n, kk), I (n, kk),
+    transform names or None); missing neighbours are -1."""
+    if _is_pixel(emb):
+        return _pixel_knn(E.vectors, tuple(emb.size), kk, inv)
+    from .index import EmbeddingIndex, rescore, self_neighbors
+
+    index = EmbeddingIndex.from_embeddings(E, kind="auto")
+    if getattr(emb, "rescores", False):
+        S, I = self_neighbors(index, min(len(E) - 1, max(4 * kk, kk + 8)))
+        S, I = rescore(index, emb.distance, E.vectors, I, kk)
+    else:
+        S, I = self_neighbors(index, min(len(E) - 1, kk))
+    return (S if E.metric == "l2" else 1.0 - S), I, None
+
+
+def verified_pairs(E, embedder, images, min_ncc: float, *, k: int = 10, cap: float | None = None,
+                   invariances: Sequence[str] | None = None, same_file: Sequence[str] = (), progress: bool = False):
+    """The verified rule (module docstring) on embeddings ``E`` of ``images`` (the same rows, in order):
+    ``({(a, b): (score, transform)}, cap, rule)``. Candidates are each row's ``VERIFY_NEIGHBOURS`` nearest
+    neighbours, then its next ones (up to ``k``) while they verify; ``cap`` (score units) bounds the candidates."""
+    from .embedders import get_embedder
+    from .metrics.alignment import ALIGN_COVERAGES, Aligner
+
+    emb = get_embedder(embedder)
+    _check_search_args(k, cap)
+    inv = _check_invariances(invariances, _is_pixel(emb), emb)
+    n = len(E)
+    if n < 2:
+        return {}, cap, "fewer than two images"
+    kk = min(max(int(k), VERIFY_NEIGHBOURS), n - 1)
+    D, I, tr = _neighbour_lists(E, emb, kk, inv)
+    D = np.asarray(D, np.float64)
+    metric = E.metric
+    cap_d = math.inf if cap is None else (cap if metric == "l2" else 1.0 - cap)
+    pixels, digests = _grey_views(images, E.ids)
+    aligner = Aligner(pixels)
+    done: dict[tuple[int, int], float] = {}
+    key = lambda a, b: (a, b) if a < b else (b, a)  # noqa: E731
+
+    def usable(a: int, j: int) -> bool:
+        return I[a, j] >= 0 and D[a, j] <= cap_d
+
+    first = sorted({key(a, int(I[a, j])) for a in range(n) for j in range(min(VERIFY_NEIGHBOURS, kk))
+                    if usable(a, j) and digests[a] != digests[int(I[a, j])]})
+    from ._progress import task_bar
+
+    with task_bar(progress, "verifying candidate pairs", len(first)) as advance:
+        def check(pairs: list[tuple[int, int]]) -> None:
+            todo = sorted({p for p in pairs if p not in done})
+            for s0 in range(0, len(todo), 256):
+                chunk = todo[s0:s0 + 256]
+                for p, v in zip(chunk, aligner.scores(chunk)):
+                    done[p] = float(v)
+                advance(len(chunk))
+
+        check(first)
+        alive = np.ones(n, bool)  # rows still walking their neighbour list
+        pair_scores: dict[tuple[int, int], tuple[float, str]] = {}
+        for j in range(kk):
+            rows = [a for a in np.nonzero(alive)[0].tolist() if usable(a, j)]
+            if not rows:
+                break
+            cand = [key(a, int(I[a, j])) for a in rows]
+            check([c for c in cand if digests[c[0]] != digests[c[1]]])
+            ok = np.zeros(n, bool)
+            for a, c in zip(rows, cand):
+                identical = digests[c[0]] == digests[c[1]]
+                v = 1.0 if identical else done[c]
+                if v < min_ncc:
+                    continue
+                ok[a] = True
+                if c not in pair_scores:
+                    s = float(D[a, j]) if metric == "l2" else float(1.0 - D[a, j])
+                    t_name = (("identical file" if same_file and same_file[c[0]] == same_file[c[1]] else
+                               "equal pixels") if identical else f"aligned {v:.3f}")
+                    if tr is not None and tr[a, j]:
+                        t_name += f", {tr[a, j]}"
+                    pair_scores[c] = (s, t_name)
+            if j + 1 >= VERIFY_NEIGHBOURS:
+                alive &= ok
+    lo = int(round(100 * min(ALIGN_COVERAGES)))
+    rule = (f"verified: each image's {VERIFY_NEIGHBOURS} nearest neighbours (and the next ones while they verify, up "
+            f"to {kk}) are duplicates when their aligned pixels correlate >= {min_ncc:g} (band-passed NCC over crops "
+            f"of {lo}-100%, rescaling and a mirror; {len(done)} pair(s) compared)")
+    if cap is not None:
+        rule += f"; candidates within {cap:g} (given)"
+    if inv:
+        rule += "; " + "; ".join(_INV_TEXT[x] for x in inv)
+    return pair_scores, cap, rule
+
+
+def _grey_views(images, ids: Sequence[str]) -> tuple[list, list]:
+    """Grey working copies (uint8, longer side at most 2 x ALIGN_SIDE) of the images with these ids, in that order,
+    and a digest of each image's decoded pixels (equal digests: equal images); an image that no longer decodes is a
+    flat view (never verified) with a digest of its own."""
+    import hashlib
+
+    from .metrics.alignment import align_view
+
+    pos = {i: p for p, i in enumerate(images.ids)}
+    want = [pos[i] for i in ids]
+    views: dict[str, tuple[np.ndarray, bytes]] = {}
+    for bids, imgs in images.iter_batches(256, indices=sorted(set(want))):
+        for i, a in zip(bids, imgs):
+            a = np.ascontiguousarray(a)
+            views[i] = (align_view(a), hashlib.blake2b(a.tobytes() + repr(a.shape).encode(), digest_size=16).digest())
+    flat = np.zeros((1, 1), np.uint8)
+    got = [views.get(i, (flat, f"missing:{i}".encode())) for i in ids]
+    return [g[0] for g in got], [g[1] for g in got]
 
 
 def _check_search_args(k, threshold) -> None:

@@ -6,6 +6,7 @@ statistics use the percentile bootstrap (:mod:`diffaudit.metrics.stats`).
 from __future__ import annotations
 
 from ._knn import knn as nearest_neighbors
+from .alignment import ALIGN_THRESHOLD, Aligner, align_view, aligned_similarities, aligned_similarity
 from .detection import detection_auc, tpr_at_fpr
 from .extraction import (
     CARLINI_ALPHA,
