@@ -42,6 +42,11 @@ from .replication import SOMEPALLI_THRESHOLD, replication_rate, top1_summary
 from .stats import bootstrap_ci, proportion_estimate, wilson_interval
 
 __all__ = [
+    "ALIGN_THRESHOLD",
+    "Aligner",
+    "align_view",
+    "aligned_similarities",
+    "aligned_similarity",
     "detection_auc",
     "tpr_at_fpr",
     "HELDOUT_QUANTILE",
