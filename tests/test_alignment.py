@@ -270,3 +270,26 @@ def test_dedup_cli_rules_and_preset(tmp_path):
         lines = error_lines(res.output)
         assert res.exit_code != 0 and len(lines) == 1 and needle in lines[0], (args, res.output)
         assert not dest.exists()  # validated before anything is written
+
+
+def test_a_list_of_embedders_is_the_union_of_each_one_s_pairs(tmp_path):
+    """find_duplicates(images, [a, b], ...) == combine_duplicates of the single runs, with verify= (each pair aligned
+    once for both) and with another rule."""
+    from diffaudit.curate import combine_duplicates, find_duplicates
+    from diffaudit.data import ImageSet
+
+    folder, truth = _planted_folder(tmp_path)
+    images = ImageSet.from_folder(folder)
+    c = str(tmp_path / "c")
+    for kw in ({"verify": True}, {"ratio": 0.5}):
+        singles = [find_duplicates(images, e, cache_dir=c, **kw) for e in ("pixel", "pixel:32")]
+        both = find_duplicates(images, ["pixel", "pixel:32"], cache_dir=c, **kw)
+        want = {frozenset((p.id_a, p.id_b)) for p in combine_duplicates(singles).pairs}
+        assert {frozenset((p.id_a, p.id_b)) for p in both.pairs} == want and want
+        assert both.embedder.endswith("+pixel-32x32") and both.embedder.startswith("pixel-")
+    with pytest.raises(ValueError, match="non-empty list"):
+        find_duplicates(images, [], cache_dir=c)
+    with pytest.raises(ValueError, match="single embedder"):
+        find_duplicates(images, ["pixel", "pixel:32"], threshold=1.0, cache_dir=c)
+    with pytest.raises(ValueError, match="verify="):
+        find_duplicates(images, ["pixel", "pixel:32"], verify=2.0, cache_dir=c)

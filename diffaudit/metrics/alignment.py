@@ -52,6 +52,8 @@ ALIGN_THRESHOLD = 0.96
 #: lower the score at the coarse size); the higher of the two scores is kept
 ALIGN_REFINE_FROM = 0.7
 _REFINE_STEPS = (0.97, 0.985, 1.0, 1.015, 1.03)
+#: entries each per-image cache holds before it is emptied (about 40 KB each: a few hundred MB at most)
+_CACHE_LIMIT = 4096
 #: smallest template side (px at the working size) that is compared
 _MIN_SIDE = 12
 
@@ -116,6 +118,7 @@ class Aligner:
             float(floor)
         self._scene: dict[tuple[int, int, int], tuple] = {}
         self._tmpl: dict[tuple, tuple] = {}
+        self._norms: dict[tuple, np.ndarray | None] = {}
 
     def _scene_of(self, i: int, H: int, W: int):
         """(rfft2 of the band-passed scene at (H, W), integral images of s and s^2)."""
@@ -148,6 +151,22 @@ class Aligner:
             self._tmpl[key] = got
         return got
 
+    def _window_norms(self, i: int, H: int, W: int, th: int, tw: int):
+        """1 / (RMS-contrast norm of every th x tw window of the scene), 0 where the window is flat; None when all
+        are. Shared by every template of that size compared with this scene."""
+        key = (i, H, W, th, tw)
+        if key in self._norms:
+            return self._norms[key]
+        _, ii, ii2 = self._scene_of(i, H, W)
+        n = th * tw
+        s1 = ii[th:, tw:] - ii[:-th, tw:] - ii[th:, :-tw] + ii[:-th, :-tw]
+        s2 = ii2[th:, tw:] - ii2[:-th, tw:] - ii2[th:, :-tw] + ii2[:-th, :-tw]
+        var = s2 - s1 * s1 / n
+        ok = var > n * self.floor * self.floor
+        got = np.where(ok, 1.0 / np.sqrt(np.where(ok, var, 1.0)), 0.0) if ok.any() else None
+        self._norms[key] = got
+        return got
+
     def _sizes(self, i: int, j: int, side: int, covs: tuple[float, ...]) -> dict[tuple[int, int], list[tuple]]:
         """Scene size -> template sizes to try, one per coverage. The working scale is the scene's ``side`` scale,
         lowered where the template (or the scene) would otherwise be enlarged: both are compared at the resolution
@@ -170,20 +189,17 @@ class Aligner:
         """Best NCC of image j as a template anywhere in image i: (score, coverage, mirrored)."""
         best = (-1.0, 1.0, False)
         for (H, W), sizes in self._sizes(i, j, side, covs).items():
-            fs, ii, ii2 = self._scene_of(i, H, W)
+            fs = self._scene_of(i, H, W)[0]
             prods, meta = [], []
             for th, tw, c in sizes:
                 n = th * tw
                 tn, ffts = self._template(j, th, tw, (H, W))
                 if tn < self.floor * np.sqrt(n):
                     continue
-                s1 = ii[th:, tw:] - ii[:-th, tw:] - ii[th:, :-tw] + ii[:-th, :-tw]
-                s2 = ii2[th:, tw:] - ii2[:-th, tw:] - ii2[th:, :-tw] + ii2[:-th, :-tw]
-                var = s2 - s1 * s1 / n
-                ok = var > n * self.floor * self.floor
-                if not ok.any():
+                inv_sd = self._window_norms(i, H, W, th, tw)
+                if inv_sd is None:
                     continue
-                den = np.where(ok, np.sqrt(np.where(ok, var, 1.0)) * tn, np.inf)
+                den = inv_sd / tn
                 for f, flip in zip(ffts, (False, True)):
                     if flip in flips:
                         prods.append(fs * f)
@@ -192,7 +208,7 @@ class Aligner:
                 continue
             corr = self._fft.irfft2(np.stack(prods), s=(H, W), axes=(-2, -1))
             for k, (th, tw, den, c, flip) in enumerate(meta):
-                v = float((corr[k, : H - th + 1, : W - tw + 1] / den).max())
+                v = float((corr[k, : H - th + 1, : W - tw + 1] * den).max())
                 if v > best[0]:
                     best = (v, c, flip)
         return best
@@ -203,6 +219,8 @@ class Aligner:
         out = np.empty(len(pairs), np.float64)
         for k, (a, b) in enumerate(pairs):
             a, b = int(a), int(b)
+            if max(len(self._scene), len(self._tmpl), len(self._norms)) > _CACHE_LIMIT:  # bounded memory
+                self._scene.clear(), self._tmpl.clear(), self._norms.clear()
             best = max((self._in_scene(a, b, self.side, self.coverages, flips), (a, b)),
                        (self._in_scene(b, a, self.side, self.coverages, flips), (b, a)), key=lambda x: x[0][0])
             (v, c, flip), (i, j) = best

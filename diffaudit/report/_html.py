@@ -35,7 +35,7 @@ def png_data_uri(image: np.ndarray, max_side: int = 96) -> str:
         resample = Image.NEAREST if scale > 1 else Image.BILINEAR
         im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample)
     buf = io.BytesIO()
-    im.save(buf, format="PNG", optimize=True)
+    im.save(buf, format="PNG", compress_level=1)  # fast: a report of a large set has thousands of thumbnails
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
