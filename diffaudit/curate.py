@@ -64,7 +64,8 @@ alignment asks whether one is the other after a crop, resize, brightness change 
 the correlation of some (JPEG at quality 30 of a small patch: 0.55-0.99) and a crop resized back to full size scores
 0.94-0.96 (resampled twice): both are under the cut. The measured configuration for photographs is the union of
 the verified rule on two embedders' candidates, pixel (re-encodings, brightness, mirrors) and SSCD (crops)
-(``diffaudit dedup --preset photos``, i.e. ``-e pixel -e sscd --rule verify``); figures in
+(``diffaudit dedup --preset photos``: ``-e pixel -e sscd:distilled --rule verify``, each pair aligned once for
+both); figures in
 ``benchmarks/bench_photos.py`` and the README. Byte-identical files and images with equal pixels are
 always duplicates. Flat images (no detail left after the band-pass) are never verified.
 
@@ -471,7 +472,10 @@ def verified_pairs(E, embedder, images, min_ncc: float, *, k: int = 10, cap: flo
     from ._progress import task_bar
 
     with task_bar(progress, "verifying candidate pairs", len(first)) as advance:
+        asked: set[tuple[int, int]] = set()
+
         def check(pairs: list[tuple[int, int]]) -> None:
+            asked.update(pairs)
             ver.check([(pos[a], pos[b]) for a, b in pairs], advance)
 
         check(first)
@@ -502,7 +506,7 @@ def verified_pairs(E, embedder, images, min_ncc: float, *, k: int = 10, cap: flo
     lo = int(round(100 * min(ALIGN_COVERAGES)))
     rule = (f"verified: each image's {VERIFY_NEIGHBOURS} nearest neighbours (and the next ones while they verify, up "
             f"to {kk}) are duplicates when their aligned pixels correlate >= {min_ncc:g} (band-passed NCC over crops "
-            f"of {lo}-100%, rescaling and a mirror; {ver.compared(pos)} pair(s) compared)")
+            f"of {lo}-100%, rescaling and a mirror; {len(asked)} pair(s) compared)")
     if cap is not None:
         rule += f"; candidates within {cap:g} (given)"
     if inv:
@@ -549,11 +553,6 @@ class _Verifier:
 
     def score(self, a: int, b: int) -> float:
         return self._done[(a, b) if a < b else (b, a)]
-
-    def compared(self, pos: Sequence[int]) -> int:
-        """Pairs aligned so far among these positions."""
-        mine = set(pos)
-        return sum(1 for a, b in self._done if a in mine and b in mine)
 
 
 def _check_search_args(k, threshold) -> None:
