@@ -446,7 +446,7 @@ def verified_pairs(E, embedder, images, min_ncc: float, *, k: int = 10, cap: flo
     ``({(a, b): (score, transform)}, cap, rule)``. Candidates are each row's ``VERIFY_NEIGHBOURS`` nearest
     neighbours, then its next ones (up to ``k``) while they verify; ``cap`` (score units) bounds the candidates."""
     from .embedders import get_embedder
-    from .metrics.alignment import ALIGN_COVERAGES
+    from .metrics.alignment import ALIGN_COVERAGES, ALIGN_MIN_SIDE
 
     emb = get_embedder(embedder)
     _check_search_args(k, cap)
@@ -507,6 +507,10 @@ def verified_pairs(E, embedder, images, min_ncc: float, *, k: int = 10, cap: flo
     rule = (f"verified: each image's {VERIFY_NEIGHBOURS} nearest neighbours (and the next ones while they verify, up "
             f"to {kk}) are duplicates when their aligned pixels correlate >= {min_ncc:g} (band-passed NCC over crops "
             f"of {lo}-100%, rescaling and a mirror; {len(asked)} pair(s) compared)")
+    blind = sum(1 for a, b in asked if ver.score(pos[a], pos[b]) <= -1.0)
+    if blind:
+        rule += (f"; {blind} candidate pair(s) had nothing to align (flat images, or smaller than "
+                 f"{ALIGN_MIN_SIDE} px) and count only when their pixels are equal")
     if cap is not None:
         rule += f"; candidates within {cap:g} (given)"
     if inv:

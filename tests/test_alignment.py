@@ -293,3 +293,28 @@ def test_a_list_of_embedders_is_the_union_of_each_one_s_pairs(tmp_path):
         find_duplicates(images, ["pixel", "pixel:32"], threshold=1.0, cache_dir=c)
     with pytest.raises(ValueError, match="verify="):
         find_duplicates(images, ["pixel", "pixel:32"], verify=2.0, cache_dir=c)
+
+
+def test_images_too_small_to_align_are_counted_and_only_equal_ones_are_duplicates(tmp_path):
+    """8 px digits: nothing to align at 12 px and up, so the verified rule keeps only images with equal pixels and
+    says how many candidates it could not judge."""
+    from conftest import digits_rgb
+    from diffaudit.curate import find_duplicates
+    from diffaudit.data import ImageSet
+
+    x = digits_rgb(30, 8, seed=2)
+    folder = tmp_path / "d"
+    folder.mkdir()
+    for i, a in enumerate(x):
+        Image.fromarray(a).save(folder / f"d{i:02d}.png")
+    for j in range(3):  # equal pixels in other bytes (another compression level), and one byte-identical file
+        Image.fromarray(x[j]).save(folder / f"same{j}.png", compress_level=0)
+    (folder / "copy.png").write_bytes((folder / "d05.png").read_bytes())
+    Image.fromarray(np.ascontiguousarray(x[9, :, ::-1])).save(folder / "mirror.png")  # too small to verify
+    rep = find_duplicates(str(folder), "pixel", verify=True, cache_dir=str(tmp_path / "c"))
+    got = {frozenset((p.id_a, p.id_b)): p.transform for p in rep.pairs}
+    want = {frozenset((f"d{j:02d}.png", f"same{j}.png")) for j in range(3)} | {frozenset(("d05.png", "copy.png"))}
+    assert set(got) == want
+    assert got[frozenset(("d05.png", "copy.png"))] == "identical file"
+    assert {got[frozenset((f"d{j:02d}.png", f"same{j}.png"))] for j in range(3)} == {"equal pixels"}
+    assert "had nothing to align" in rep.threshold_rule and "smaller than 12 px" in rep.threshold_rule

@@ -55,7 +55,7 @@ _REFINE_STEPS = (0.97, 0.985, 1.0, 1.015, 1.03)
 #: entries each per-image cache holds before it is emptied (about 40 KB each: a few hundred MB at most)
 _CACHE_LIMIT = 4096
 #: smallest template side (px at the working size) that is compared
-_MIN_SIDE = 12
+ALIGN_MIN_SIDE = 12
 
 
 def _grey(img: np.ndarray) -> np.ndarray:
@@ -108,8 +108,8 @@ class Aligner:
         cov = tuple(float(c) for c in coverages)
         if not cov or any(not 0.0 < c <= 1.0 for c in cov):
             raise ValueError(f"coverages={coverages!r}: give fractions in (0, 1]")
-        if int(side) < _MIN_SIDE:
-            raise ValueError(f"side={side!r}: must be >= {_MIN_SIDE}")
+        if int(side) < ALIGN_MIN_SIDE:
+            raise ValueError(f"side={side!r}: must be >= {ALIGN_MIN_SIDE}")
         from scipy import fft
 
         self._fft = fft
@@ -181,7 +181,7 @@ class Aligner:
             s = min(side / max(hS, wS), 1.0, 1.0 / (c * fit))
             H, W = max(1, int(round(hS * s))), max(1, int(round(wS * s)))
             th, tw = min(int(round(hT * c * fit * s)), H), min(int(round(wT * c * fit * s)), W)
-            if min(th, tw) >= _MIN_SIDE:
+            if min(th, tw) >= ALIGN_MIN_SIDE:
                 out.setdefault((H, W), []).append((th, tw, c))
         return out
 
