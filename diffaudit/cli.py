@@ -199,14 +199,14 @@ def _parse_rule(text: str) -> dict:
     try:
         if name == "default" and not value:
             return {}
-        if name == "ratio" and value:
+        if name == "ratio" and value and 0.0 < float(value) < 1.0:
             return {"ratio": float(value)}
-        if name == "verify":
+        if name == "verify" and (not value or 0.0 < float(value) <= 1.0):
             return {"verify": float(value) if value else True}
     except ValueError:
         pass
-    raise ValueError(f"--rule {text!r}: give default, ratio:<r> (e.g. ratio:0.5) or verify[:<ncc>] (e.g. verify, "
-                     "verify:0.95)")
+    raise ValueError(f"--rule {text!r}: give default, ratio:<r> with r in (0, 1) (e.g. ratio:0.5) or "
+                     "verify[:<ncc>] with ncc in (0, 1] (e.g. verify, verify:0.95)")
 
 
 @app.command("match")

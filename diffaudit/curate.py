@@ -227,11 +227,14 @@ def find_duplicates(images, embedder: Any = "pixel", threshold: float | None = N
             raise ValueError("threshold= is in one embedder's units: give it with a single embedder")
         if len(embedder) > 1 and not isinstance(images, (str, bytes)) and hasattr(images, "embedder"):
             raise ValueError("embedder: a list needs the images, not one embedder's precomputed Embeddings")
+        from .embedders import get_embedder
+
         images = images if hasattr(images, "embedder") else as_imageset(images, "images")
-        _check_verify(verify)  # before any embedding
-        shared = _Verifier(images) if verify not in (None, False) else None
+        _check_verify(verify)  # before any decoding or embedding, as are the embedders (weights found, ...)
+        embs = [get_embedder(e) for e in embedder]
+        shared = _Verifier(images) if _check_verify(verify) is not None else None
         return combine_duplicates([_find_one(images, e, threshold, k, cache_dir, progress, backend, invariances,
-                                             ratio, verify, shared) for e in embedder])
+                                             ratio, verify, shared) for e in embs])
     return _find_one(images, embedder, threshold, k, cache_dir, progress, backend, invariances, ratio, verify, None)
 
 

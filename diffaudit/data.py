@@ -702,8 +702,8 @@ class ImageSet:
 
         if num_workers is not None and workers > 1 and len(candidates) > 8:
             # only when asked (network filesystems, where threads hide latency): on a local disk one thread is 2-3x
-            # faster, as PIL's header parsing holds the GIL. Chunks of files per task: a thread pool has no chunksize, and one future per header costs more than
-            # reading the header
+            # faster, as PIL's header parsing holds the GIL. Chunks of files per task: a thread pool has no
+            # chunksize, and one future per header costs more than reading the header
             step = max(8, min(256, len(candidates) // (4 * workers) or 1))
             chunks = [candidates[i:i + step] for i in range(0, len(candidates), step)]
             with cf.ThreadPoolExecutor(workers, thread_name_prefix="diffaudit-scan") as ex:

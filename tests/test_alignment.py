@@ -260,6 +260,7 @@ def test_dedup_cli_rules_and_preset(tmp_path):
     rule = json.loads((tmp_path / "o2" / "duplicates.json").read_text())["threshold_rule"]
     assert "ratio rule" in rule and ">= 0.97" in rule
     for args, needle in ((["--rule", "bogus"], "--rule 'bogus'"), (["--rule", "ratio:x"], "--rule 'ratio:x'"),
+                         (["--rule", "verify:1.5"], "--rule 'verify:1.5'"), (["--rule", "ratio:1"], "--rule 'ratio:1'"),
                          (["-e", "pixel", "-e", "pixel:32", "--rule", "verify", "--rule", "verify", "--rule",
                            "verify"], "--rule: give one value or one per --embedder"),
                          (["--rule", "verify", "--ratio", "0.5"], "--rule and --ratio"),
@@ -318,3 +319,16 @@ def test_images_too_small_to_align_are_counted_and_only_equal_ones_are_duplicate
     assert got[frozenset(("d05.png", "copy.png"))] == "identical file"
     assert {got[frozenset((f"d{j:02d}.png", f"same{j}.png"))] for j in range(3)} == {"equal pixels"}
     assert "had nothing to align" in rep.threshold_rule and "smaller than 12 px" in rep.threshold_rule
+
+
+def test_a_list_of_embedders_is_checked_before_any_image_is_decoded(tmp_path, monkeypatch):
+    from diffaudit.curate import find_duplicates
+    from diffaudit.data import ImageSet
+
+    folder, _ = _planted_folder(tmp_path)
+    images = ImageSet.from_folder(folder)
+    calls = []
+    monkeypatch.setattr(ImageSet, "iter_batches", lambda self, *a, **k: calls.append(1) or iter(()))
+    with pytest.raises(Exception, match="bogus|unknown|embedder"):
+        find_duplicates(images, ["pixel", "bogus-embedder"], verify=True, cache_dir=str(tmp_path / "c"))
+    assert not calls
