@@ -39,25 +39,13 @@ from pathlib import Path
 
 import numpy as np
 
+from diffaudit.testing import PHOTOS
 from peers_photos import KINDS, score  # one scoring for diffaudit and the peers (numpy-free: runs in their venv)
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "immunohistochemistry", "hubble_deep_field",
-          "retina", "brick", "grass", "gravel", "moon", "colorwheel")
-
-
 def patches(side: int) -> list[np.ndarray]:
-    import skimage.data as data
+    from diffaudit.testing import photo_patches
 
-    out = []
-    for name in PHOTOS:
-        a = getattr(data, name)()
-        if a.ndim == 2:
-            a = np.stack([a] * 3, axis=2)
-        a = a[..., :3].astype(np.uint8)
-        for y in range(0, a.shape[0] - side + 1, side):
-            for x in range(0, a.shape[1] - side + 1, side):
-                out.append(np.ascontiguousarray(a[y:y + side, x:x + side]))
-    return out
+    return photo_patches(side)
 
 
 def identical_groups(folder: Path) -> list[list[str]]:

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["OptimalDenoiser", "GaussianDenoiser", "DenoiserOutput", "tiny_unet", "write_tiny_run", "to_model_space",
            "write_tiny_tokenizer", "tiny_sd_unet", "train_tiny_vae", "tiny_sd_pipeline", "memorizing_sd_pipeline",
-           "write_tiny_sd_run", "write_caption_folder"]
+           "write_tiny_sd_run", "write_caption_folder", "photo_patches", "PHOTOS"]
 
 
 def to_model_space(images: np.ndarray, dtype=np.float32) -> np.ndarray:
@@ -651,6 +651,32 @@ def write_tiny_sd_run(
                                 feature_extractor=None, requires_safety_checker=False).save_pretrained(str(folder))
     (folder / "diffaudit_tiny_run.json").write_text(json.dumps({"steps": steps, "lora": lora, "ema": ema, "seed": seed}))
     return folder
+
+
+#: scikit-image's sample photographs that :func:`photo_patches` cuts (textures, smooth regions, star fields)
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "immunohistochemistry", "hubble_deep_field",
+          "retina", "brick", "grass", "gravel", "moon", "colorwheel")
+
+
+def photo_patches(side: int = 96, names: Sequence[str] = PHOTOS, *, min_std: float = 0.0) -> list[np.ndarray]:
+    """Real photographs for duplicate tests and benchmarks: scikit-image's sample photos (``names``, needs
+    scikit-image) cut into non-overlapping ``side`` px squares, uint8 RGB, in photo and raster order. Grey photos are
+    repeated to RGB. ``min_std``: leave out patches whose pixel standard deviation is not above it (flat sky, black
+    borders)."""
+    import skimage.data as data
+
+    out = []
+    for name in names:
+        a = getattr(data, name)()
+        if a.ndim == 2:
+            a = np.stack([a] * 3, axis=2)
+        a = a[..., :3].astype(np.uint8)
+        for y in range(0, a.shape[0] - side + 1, side):
+            for x in range(0, a.shape[1] - side + 1, side):
+                p = np.ascontiguousarray(a[y:y + side, x:x + side])
+                if not min_std or p.astype(np.float32).std() > min_std:
+                    out.append(p)
+    return out
 
 
 def write_caption_folder(folder, images: np.ndarray, captions: Sequence[str], *, prefix: str = "") -> Path:

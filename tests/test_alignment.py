@@ -24,20 +24,9 @@ from diffaudit.metrics.alignment import (
 
 
 def _photo_patches(side: int = 96, names=("astronaut", "coffee", "chelsea", "rocket", "brick", "gravel")):
-    import skimage.data as data
+    from diffaudit.testing import photo_patches
 
-    out = []
-    for name in names:
-        a = getattr(data, name)()
-        if a.ndim == 2:
-            a = np.stack([a] * 3, axis=2)
-        a = a[..., :3].astype(np.uint8)
-        for y in range(0, a.shape[0] - side + 1, side):
-            for x in range(0, a.shape[1] - side + 1, side):
-                p = np.ascontiguousarray(a[y:y + side, x:x + side])
-                if p.astype(np.float32).std() > 12:  # leave flat patches (sky, black border) out of the references
-                    out.append(p)
-    return out
+    return photo_patches(side, names, min_std=12)  # flat patches (sky, black border) left out of the references
 
 
 def _grey(a):
