@@ -189,7 +189,7 @@ def dedup(
     report.to_html(out_dir / "duplicates.html", images=images)
     out.print(
         f"{len(images)} images, {len(report.pairs)} duplicate pairs in {len(report.clusters)} clusters "
-        f"({len(images.skipped)} files skipped) -> {out_dir / 'duplicates.html'}"
+        f"({len(report.skipped)} files skipped) -> {out_dir / 'duplicates.html'}"
     )
 
 

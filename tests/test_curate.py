@@ -650,3 +650,26 @@ def test_dedup_union_of_embedders(tmp_path):
     bad = invoke("dedup", folder, "-e", "pixel", "-e", "pixel:8", "--ratio", "0.5", "--ratio", "0.4", "--ratio", "0.3",
                  "-o", tmp_path / "bad")
     assert bad.exit_code != 0 and len(error_lines(bad.output)) == 1 and "--ratio" in bad.output
+
+
+def test_dedup_counts_every_skipped_file_also_with_byte_identical_files(tmp_path):
+    """Byte-identical files make the search embed a subset of the set; a file that fails to decode there is still
+    counted in the summary line, the same as in duplicates.json."""
+    from _reltools import invoke
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    x = digits_rgb(12, 32, seed=4)
+    for i, a in enumerate(x):
+        _save(a, folder / f"d{i:02d}.png")
+    (folder / "copy.png").write_bytes((folder / "d03.png").read_bytes())
+    (folder / "trunc.png").write_bytes((folder / "d05.png").read_bytes()[:120])
+    (folder / "empty.png").write_bytes(b"")
+    for rule in ("default", "verify"):
+        out = tmp_path / f"o-{rule}"
+        res = invoke("dedup", folder, "--rule", rule, "-o", out, "--cache", tmp_path / "c")
+        assert res.exit_code == 0, res.output
+        doc = json.loads((out / "duplicates.json").read_text())
+        assert sorted(s["id"] for s in doc["skipped"]) == ["empty.png", "trunc.png"]
+        assert "(2 files skipped)" in res.output
+        assert any({p["id_a"], p["id_b"]} == {"copy.png", "d03.png"} for p in doc["pairs"])
