@@ -230,9 +230,9 @@ def find_duplicates(images, embedder: Any = "pixel", threshold: float | None = N
         from .embedders import get_embedder
 
         images = images if hasattr(images, "embedder") else as_imageset(images, "images")
-        _check_verify(verify)  # before any decoding or embedding, as are the embedders (weights found, ...)
+        min_ncc = _check_verify(verify)  # before any decoding or embedding, as are the embedders (weights, ...)
         embs = [get_embedder(e) for e in embedder]
-        shared = _Verifier(images) if _check_verify(verify) is not None else None
+        shared = _Verifier(images) if min_ncc is not None else None
         return combine_duplicates([_find_one(images, e, threshold, k, cache_dir, progress, backend, invariances,
                                              ratio, verify, shared) for e in embs])
     return _find_one(images, embedder, threshold, k, cache_dir, progress, backend, invariances, ratio, verify, None)
