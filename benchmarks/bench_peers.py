@@ -13,7 +13,8 @@ Ground truth: a planted copy and its source form a duplicate pair. Originals wit
 duplicates of each other (none in the digits, checked). Every other pair a tool reports is a false positive --
 including pairs of distinct digits that merely look alike, which is what a curator would have to check by hand.
 
-Per tool, in a fresh subprocess: the duplicate search itself (time inside the process, imports excluded), the whole
+Per tool, in a fresh subprocess: the duplicate search itself (time inside the process, imports excluded -- for
+diffaudit also faiss and scipy.sparse.csgraph, which its search imports on first use), the whole
 process (wall, imports included), peak resident memory (``wait4`` ``ru_maxrss``: the process and the workers it
 waited for), the reported pairs. A planted pair is *found* when both images end up in one group (connected component of
 the reported pairs; a cleanvision set). Precision = reported pairs that are true duplicate pairs / reported pairs.
@@ -148,6 +149,9 @@ def run_tool(tool: str, data: Path, work: Path) -> dict:
     files = sorted(p.name for p in data.iterdir() if p.suffix in (".png", ".jpg"))
     note = ""
     if tool.startswith("diffaudit"):
+        import faiss  # noqa: F401  imported lazily by the search: imports are excluded for every tool
+        import scipy.sparse.csgraph  # noqa: F401
+
         from diffaudit.curate import find_duplicates
         from diffaudit.data import ImageSet
 

@@ -414,10 +414,9 @@ def _embed_distinct_files(images, emb, embed, cache_dir, progress):
 
 def _check_verify(verify) -> float | None:
     """verify= -> the correlation cut (None: no verification)."""
-    from .metrics.alignment import ALIGN_THRESHOLD
-
     if verify is None or verify is False:
         return None
+    from .metrics.alignment import ALIGN_THRESHOLD
     if verify is True:
         return ALIGN_THRESHOLD
     if isinstance(verify, (int, float)) and not isinstance(verify, bool) and 0.0 < float(verify) <= 1.0:

@@ -48,6 +48,8 @@ __all__ = ["ImageSet", "Skipped", "ImageDecodeError", "DEFAULT_EXTENSIONS", "DEF
 
 #: Pillow's own default limit (about 89.5 megapixels, a 0.25 GB RGBA image)
 DEFAULT_MAX_PIXELS = 89_478_485
+#: images with a median size under this many pixels (80 x 80) are decoded in one thread unless num_workers is given
+SERIAL_DECODE_PIXELS = 80 * 80
 DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".dib", ".gif", ".tif", ".tiff",
                       ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".avif", ".qoi", ".jp2", ".j2k", ".jpf", ".jpx")
 #: formats Pillow may use to open a file, whatever its extension (no EPS/PSD/... plugins on untrusted input)
@@ -276,6 +278,8 @@ class _FileItem:
 
 class _FolderBackend(_Backend):
     kind = "folder"
+    #: sizes come from the headers read by the scan (cheap to ask for)
+    sizes_from_scan = True
 
     def __init__(self, root: str, max_pixels: int):
         self.root = root
@@ -666,6 +670,7 @@ class ImageSet:
         #: statistics of the last iter_batches call (decodes in flight), for tests and benchmarks
         self.last_iter_stats: dict[str, int] = {}
         self._num_workers: int | None = None  # from_folder's num_workers, the default for iter_batches
+        self._small: bool | None = None  # _small_files(), once
 
     # ---------------------------------------------------------------- constructors
 
@@ -741,7 +746,7 @@ class ImageSet:
             log.info("%s: %d image(s), %d skipped", root, len(ids), len(skipped))
         s = cls(ids, [items[i] for i in ids], _FolderBackend(root, max_pixels), skipped=skipped,
                 source=f"folder:{root}")
-        s._num_workers = workers
+        s._num_workers = num_workers  # None: the default, which may decode tiny images in one thread
         s.ignored = ignored
         if ignored:
             log.info("%s: %d file(s) with other extensions ignored (not images), e.g. %s", root, len(ignored),
@@ -940,8 +945,22 @@ class ImageSet:
             order: Sequence[int] = range(len(self))
         else:
             order = [self._position(int(i)) for i in indices]
-        workers = _default_workers(num_workers if num_workers is not None else self._num_workers)
+        asked = num_workers if num_workers is not None else self._num_workers
+        workers = _default_workers(asked)
+        if asked is None and workers > 1 and self._small_files():
+            workers = 1  # tiny images: a thread pool costs more than the decode (PIL holds the GIL for them)
         return self._iter(order, batch_size, workers)
+
+    def _small_files(self) -> bool:
+        """Whether the images are so small (median under :data:`SERIAL_DECODE_PIXELS`, from the headers a folder
+        scan has read) that decoding them in one thread is faster than a pool: 2,997 PNGs of 64x64 decode in
+        0.31-0.33 s in one thread and 0.58-0.74 s in a pool of 2; 96 px photos and larger gain from the pool."""
+        if self._small is None:
+            self._small = False
+            if getattr(self._backend, "sizes_from_scan", False) and len(self):
+                px = sorted(h * w for h, w in self.sizes())
+                self._small = px[len(px) // 2] < SERIAL_DECODE_PIXELS
+        return self._small
 
     def _iter(self, order: Sequence[int], batch_size: int, workers: int):
         stats = {"max_in_flight": 0, "window": 0, "decoded": 0, "failed": 0}

@@ -530,3 +530,26 @@ def test_pil_modes_direct():
     b = io.BytesIO()
     Image.new("1", (3, 1), 1).save(b, "PNG")
     np.testing.assert_array_equal(data._pil_to_rgb(Image.open(b))[0], [[255] * 3] * 3)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: every decode is serial")
+def test_tiny_images_decode_in_one_thread_unless_workers_are_asked_for(tmp_path):
+    """Below SERIAL_DECODE_PIXELS (median, from the headers) a pool costs more than the decode: the default decodes
+    serially; num_workers= (from_folder or iter_batches) still gets a pool; larger images get one by default. The
+    images are the same either way."""
+    from diffaudit.data import SERIAL_DECODE_PIXELS
+
+    tiny, big = tmp_path / "tiny", tmp_path / "big"
+    t_imgs, b_imgs = digits_rgb(20, 16), digits_rgb(20, 96)
+    assert 16 * 16 < SERIAL_DECODE_PIXELS <= 96 * 96
+    write_pngs(tiny, t_imgs)
+    write_pngs(big, b_imgs)
+    for folder, imgs, kw, serial in ((tiny, t_imgs, {}, True), (big, b_imgs, {}, False),
+                                     (tiny, t_imgs, {"num_workers": 2}, False)):
+        s = ImageSet.from_folder(folder, **kw)
+        got = [a for _, b in s.iter_batches(8) for a in b]
+        assert (s.last_iter_stats["window"] == 1) == serial, (folder.name, kw, s.last_iter_stats)
+        np.testing.assert_array_equal(np.stack(got), imgs)
+    s = ImageSet.from_folder(tiny)
+    list(s.iter_batches(8, num_workers=2))
+    assert s.last_iter_stats["window"] > 1
