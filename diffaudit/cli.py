@@ -172,12 +172,12 @@ def dedup(
     if threshold is not None and len(specs) > 1:
         raise ValueError("--threshold is in one embedder's units: use it with a single --embedder (or --rule)")
     wkw = {"weights": str(weights)} if weights else {}
-    embs = [get_embedder(e, **(wkw if e.split(":")[0] in ("clip", "sscd") else {})) for e in specs]
-    out_dir = _check_out_dir(out_dir)  # after the embedders: missing weights leave no empty output folder behind
-    images = ImageSet.from_folder(folder)
+    images = ImageSet.from_folder(folder)  # headers only; the photo preset sizes SSCD's input from them
+    ekw = [wkw if e.split(":")[0] in ("clip", "sscd") else {} for e in specs]
     if preset == "photos":  # SSCD proposes candidates at the set's own scale: 160-288 px shortest edge
-        edge = _preset_sscd_edge(images)
-        embs[1] = get_embedder(specs[1], size=edge, **wkw)
+        ekw[1] = {**wkw, "size": _preset_sscd_edge(images)}
+    embs = [get_embedder(e, **k) for e, k in zip(specs, ekw)]  # each model loaded once
+    out_dir = _check_out_dir(out_dir)  # after the embedders: missing weights leave no empty output folder behind
     kw = {"backend": backend} if backend != "local" else {}
     if len(embs) > 1 and all("verify" in r and r == rules[0] for r in rules) and invariances is None:
         # one rule for all: each pair is aligned once, whichever embedder proposed it
